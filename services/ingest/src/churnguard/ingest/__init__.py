@@ -1,0 +1,1 @@
+"""Ingest: the front door. HTTP APIs that validate events and publish them to Kafka."""

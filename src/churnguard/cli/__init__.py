@@ -1,0 +1,1 @@
+"""The churnguard command line: one entry point, one subcommand per concern."""

@@ -1,0 +1,1 @@
+"""Embedded development stack: Kafka-protocol broker, PostgreSQL and the services as supervised local processes."""
