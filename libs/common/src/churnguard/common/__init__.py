@@ -1,1 +1,4 @@
-"""What two or more churnguard services share: event models, topic registry, settings, Kafka and PostgreSQL plumbing, metrics and logs."""
+"""What two or more churnguard services share.
+
+Event models, the topic registry, settings, Kafka and PostgreSQL plumbing, metrics and logs.
+"""
