@@ -1,1 +1,5 @@
-"""Embedded development stack: Kafka-protocol broker, PostgreSQL and the services as supervised local processes."""
+"""Embedded development stack.
+
+A Kafka-protocol broker, PostgreSQL and the services as supervised local processes; also
+the Apache Kafka launcher the tests and CI use.
+"""
