@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from churnguard.common.settings import ServiceSettings
+
+
+class IngestSettings(ServiceSettings):
+    """Ingest's own settings (env prefix ``CHURNGUARD_INGEST_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CHURNGUARD_INGEST_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8081, ge=1, le=65535)
+    publish_timeout_s: float = Field(
+        default=10.0, gt=0, description="Give up (503) if Kafka has not acknowledged by then"
+    )
