@@ -247,6 +247,10 @@ class ConsumerLoop:
                 for record in records:
                     await self._process_one(record)
                     offsets[tp] = record.offset + 1
+                    # checked after the offset is recorded: the record that trips the
+                    # breaker is already in the dead-letter topic and must not go twice
+                    if self.breaker.tripped:
+                        self._trip()
         finally:
             # commit what was fully handled, even when the breaker trips mid-batch
             if offsets:
@@ -259,20 +263,21 @@ class ConsumerLoop:
         except (InvalidRecord, InvalidEnvelope) as exc:
             await self._dead_letter(record, exc.reason, type(exc).__name__)
             self.breaker.record(True)
-            if self.breaker.tripped:
-                metrics.CONSUMER_STOPPED.labels(self.name).set(1)
-                msg = (
-                    f"{self.name}: {self.breaker.ratio:.0%} of the last {self.breaker.window} "
-                    f"records went to dead letters (limit {self.breaker.max_ratio:.0%}); "
-                    "stopping instead of dead-lettering everything. Inspect the dead-letter "
-                    "topic, fix the cause, then restart."
-                )
-                log.critical(msg, extra={"consumer": self.name})
-                raise DeadLetterBreakerTripped(msg) from exc
             return
         self.breaker.record(False)
         metrics.CONSUMER_RECORDS.labels(self.name, record.topic).inc()
         metrics.CONSUMER_EVENTS.labels(self.name, record.topic).inc(events)
+
+    def _trip(self) -> None:
+        metrics.CONSUMER_STOPPED.labels(self.name).set(1)
+        msg = (
+            f"{self.name}: {self.breaker.ratio:.0%} of the last {self.breaker.window} "
+            f"records went to dead letters (limit {self.breaker.max_ratio:.0%}); "
+            "stopping instead of dead-lettering everything. Inspect the dead-letter "
+            "topic, fix the cause, then restart."
+        )
+        log.critical(msg, extra={"consumer": self.name})
+        raise DeadLetterBreakerTripped(msg)
 
     async def _dead_letter(self, record: ConsumerRecord, reason: str, error: str) -> None:
         topic = self.dead_letter_topic(record.topic)
