@@ -1,0 +1,238 @@
+"""``churnguard``: one command line, one subcommand group per concern."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="churnguard",
+    help="churnguard: real-time customer retention for B2B SaaS. "
+    "Run `make demo` for the whole platform, `churnguard dev up` for the embedded stack.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+dev = typer.Typer(
+    help="The embedded stack: broker, PostgreSQL and the services.", no_args_is_help=True
+)
+topics = typer.Typer(help="Kafka topics from the topic registry.", no_args_is_help=True)
+schemas = typer.Typer(help="JSON Schema of every event type.", no_args_is_help=True)
+db = typer.Typer(help="PostgreSQL schemas and migrations of the services.", no_args_is_help=True)
+app.add_typer(dev, name="dev")
+app.add_typer(topics, name="topics")
+app.add_typer(schemas, name="schemas")
+app.add_typer(db, name="db")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _platform_bootstrap(bootstrap: str | None) -> tuple[str, str]:
+    from churnguard.common.settings import PlatformSettings
+
+    platform = PlatformSettings()
+    return bootstrap or platform.kafka_bootstrap, platform.topic_prefix
+
+
+# ---- dev -------------------------------------------------------------------------------
+
+
+@dev.command("up")
+def dev_up() -> None:
+    """Start the stack in the background and wait until every part is ready."""
+    from churnguard.devstack import stack
+
+    settings = stack.StackSettings()
+    already = stack.running_supervisor(settings)
+    started = time.monotonic()
+    try:
+        stack.up(settings)
+    except Exception as exc:
+        err.print(f"[red]dev up failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    if already:
+        console.print(f"A stack is already running (supervisor pid {already}).")
+    else:
+        console.print(f"Stack ready in {time.monotonic() - started:.1f} s.")
+    _print_status(settings)
+
+
+@dev.command("run")
+def dev_run() -> None:
+    """Run the stack in the foreground (Ctrl-C stops everything). `make demo` uses this."""
+    from churnguard.common.logs import configure_logging
+    from churnguard.devstack import stack
+
+    configure_logging("dev", "INFO", "text")
+    settings = stack.StackSettings()
+    try:
+        stack.Supervisor(settings).run()
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:
+        logging.getLogger("churnguard.dev").error("stack failed: %s", exc)
+        raise typer.Exit(1) from None
+
+
+@dev.command("down")
+def dev_down() -> None:
+    """Stop every process the stack started."""
+    from churnguard.devstack import stack
+
+    if stack.down(stack.StackSettings()):
+        console.print("Stack stopped.")
+    else:
+        console.print("No stack is running.")
+
+
+@dev.command("status")
+def dev_status() -> None:
+    """Each component: process, health, address and log file. Exit code 1 if any is unhealthy."""
+    from churnguard.devstack import stack
+
+    settings = stack.StackSettings()
+    if not _print_status(settings):
+        raise typer.Exit(1)
+
+
+def _print_status(settings: object) -> bool:
+    from churnguard.devstack import stack
+
+    assert isinstance(settings, stack.StackSettings)
+    rows = stack.component_health(settings)
+    if not rows:
+        console.print("No stack is running (`churnguard dev up` starts one).")
+        return False
+    table = Table("component", "state", "address", "pid", "log")
+    for row in rows:
+        state = (
+            "[green]healthy[/]"
+            if row["healthy"]
+            else ("[yellow]not answering[/]" if row["alive"] else "[red]down[/]")
+        )
+        table.add_row(row["name"], state, row["address"], str(row["pid"]), row["log"])
+    console.print(table)
+    return all(r["healthy"] for r in rows)
+
+
+@dev.command("logs")
+def dev_logs(
+    component: Annotated[str, typer.Argument(help="kafka, postgres, ingest, scoring, supervisor")],
+    lines: Annotated[int, typer.Option("--lines", "-n")] = 50,
+    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+) -> None:
+    """Print the last lines of a component's log (and follow it with -f)."""
+    from churnguard.devstack import stack
+
+    path = stack.StackSettings().logs / f"{component}.log"
+    if not path.exists():
+        err.print(f"no log at {path}")
+        raise typer.Exit(1)
+    with path.open(errors="replace") as f:
+        for line in f.readlines()[-lines:]:
+            sys.stdout.write(line)
+        while follow:
+            line = f.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
+
+
+# ---- topics ----------------------------------------------------------------------------
+
+
+@topics.command("create")
+def topics_create(
+    bootstrap: Annotated[
+        str | None, typer.Option(help="Defaults to CHURNGUARD_KAFKA_BOOTSTRAP")
+    ] = None,
+) -> None:
+    """Create every registry topic and its dead-letter twin; existing ones are left as they are."""
+    from churnguard.common.kafka import ensure_topics
+    from churnguard.common.topics import planned_topics
+
+    server, prefix = _platform_bootstrap(bootstrap)
+    report = asyncio.run(ensure_topics(server, planned_topics(prefix)))
+    for name in report.created:
+        console.print(f"created  {name}")
+    for name in report.existing:
+        console.print(f"exists   {name}")
+    console.print(
+        f"{len(report.created)} created, {len(report.existing)} already existed on {server}"
+    )
+
+
+@topics.command("list")
+def topics_list() -> None:
+    """The topic registry: name, partitions, cleanup policy, dead-letter twin, event types."""
+    from churnguard.common.topics import Topic
+
+    table = Table("topic", "partitions", "cleanup", "key", "dead letters", "description")
+    for t in Topic:
+        table.add_row(
+            t.topic,
+            str(t.spec.partitions),
+            t.spec.cleanup_policy,
+            t.spec.key,
+            t.dead_letter_in() if t.spec.dead_letter else "-",
+            t.spec.description,
+        )
+    console.print(table)
+
+
+# ---- schemas ---------------------------------------------------------------------------
+
+
+@schemas.command("export")
+def schemas_export(
+    out: Annotated[Path | None, typer.Option(help="Folder; defaults to the checked-in one")] = None,
+) -> None:
+    """Write the JSON Schema of every event type and topic."""
+    from churnguard.common.events import schemas as ev_schemas
+
+    folder = out or ev_schemas.SCHEMA_DIR
+    paths = ev_schemas.export_json_schemas(folder)
+    console.print(f"wrote {len(paths)} schemas to {folder}")
+
+
+@schemas.command("check")
+def schemas_check() -> None:
+    """Fail if the checked-in JSON Schemas differ from the models."""
+    from churnguard.common.events import schemas as ev_schemas
+
+    stale = ev_schemas.check_json_schemas(ev_schemas.SCHEMA_DIR)
+    if stale:
+        err.print("stale or missing: " + ", ".join(stale) + " (run `churnguard schemas export`)")
+        raise typer.Exit(1)
+    console.print("schemas up to date")
+
+
+# ---- db --------------------------------------------------------------------------------
+
+
+@db.command("migrate")
+def db_migrate() -> None:
+    """Create each service's schema and apply its migrations (CHURNGUARD_DATABASE_URL)."""
+    from churnguard.common.settings import PlatformSettings
+    from churnguard.devstack.stack import migrate_all
+
+    migrate_all(PlatformSettings().database_url.get_secret_value())
+    console.print("migrations applied")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
