@@ -50,14 +50,14 @@ def test_round_trip_keeps_order_and_content() -> None:
     events = [feature_used("acct_1", i) for i in range(5)]
     raw = envelope.encode(events)
     assert orjson.loads(raw)[0]["schemaversion"] == 1
-    assert envelope.decode(raw, Topic.USAGE.adapter) == events
+    assert Topic.USAGE.codec.decode(raw) == events
     assert envelope.record_key(events) == b"acct_1"
 
 
 def test_multi_account_envelope_has_no_single_key() -> None:
     events = [feature_used("acct_1", 1), feature_used("acct_2", 2)]
     assert envelope.record_key(events) is None
-    assert [e.subject for e in envelope.decode(envelope.encode(events), Topic.USAGE.adapter)] == [
+    assert [e.subject for e in Topic.USAGE.codec.decode(envelope.encode(events))] == [
         "acct_1",
         "acct_2",
     ]
@@ -65,7 +65,7 @@ def test_multi_account_envelope_has_no_single_key() -> None:
 
 def test_single_cloudevent_object_is_a_one_event_envelope() -> None:
     event = feature_used("acct_9", 3)
-    assert envelope.decode(event.to_json(), Topic.USAGE.adapter) == [event]
+    assert Topic.USAGE.codec.decode(event.to_json()) == [event]
 
 
 @pytest.mark.parametrize(
@@ -80,12 +80,12 @@ def test_single_cloudevent_object_is_a_one_event_envelope() -> None:
 )
 def test_unreadable_records_say_why(value: bytes | None, reason: str) -> None:
     with pytest.raises(envelope.InvalidEnvelope, match=re.escape(reason)):
-        envelope.decode(value, Topic.USAGE.adapter)
+        Topic.USAGE.codec.decode(value)
 
 
 def test_invalid_event_names_its_index_and_field() -> None:
     good = orjson.loads(feature_used("acct_1", 1).to_json())
     bad = dict(good, data={"user_id": "u1"})
     with pytest.raises(envelope.InvalidEnvelope) as info:
-        envelope.decode(orjson.dumps([good, bad]), Topic.USAGE.adapter)
+        Topic.USAGE.codec.decode(orjson.dumps([good, bad]))
     assert info.value.reason.startswith("events[1]: data.feature: Field required")

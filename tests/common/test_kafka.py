@@ -73,7 +73,7 @@ async def test_loop_processes_dead_letters_and_commits_after(
     done = asyncio.Event()
 
     async def process(record: ConsumerRecord) -> int:
-        events = envelope.decode(record.value, Topic.USAGE.adapter)
+        events = Topic.USAGE.codec.decode(record.value)
         seen.extend(e.id for e in events)
         if len(seen) == 5:
             done.set()
@@ -123,7 +123,7 @@ async def test_breaker_stops_the_loop_instead_of_emptying_the_topic(
     await producer.start()
 
     async def process(record: ConsumerRecord) -> int:
-        return len(envelope.decode(record.value, Topic.USAGE.adapter))
+        return len(Topic.USAGE.codec.decode(record.value))
 
     loop = ConsumerLoop(
         name="test-breaker",

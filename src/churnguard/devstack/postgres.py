@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import hashlib
 import importlib.util
+import logging
 import os
 import pwd
 import re
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +45,8 @@ from churnguard.devstack.process import (
     ensure_port_free,
     wait_until,
 )
+
+log = logging.getLogger(__name__)
 
 SUPERUSER = "postgres"
 DATABASE = "postgres"
@@ -106,14 +111,14 @@ class EmbeddedPostgres:
         *,
         bin_dir: Path | None = None,
     ) -> None:
-        self.data_root = Path(data_root).absolute()
+        self.os_user = _resolve_os_user(user)
+        self.data_root = _reachable_root(Path(data_root).absolute(), self.os_user)
         self.port = port
         self.host = host
         self.bin_dir = bin_dir if bin_dir is not None else find_pg_bin()
         self.major = pg_major_version(self.bin_dir)
         self.data_dir = self.data_root / f"pg{self.major}"
         self.log_path = self.data_root / "postgres.log"
-        self.os_user = _resolve_os_user(user)
         self._proc: ManagedProcess | None = None
         self.last_start_seconds: float | None = None
         """Wall time of the last ``start()`` (initdb included), for logs and benchmarks."""
@@ -293,6 +298,30 @@ def _resolve_os_user(user: str | None) -> str | None:
         return None
     chosen = user or os.environ.get("CHURNGUARD_PG_USER") or DEFAULT_OS_USER
     return None if chosen == "root" else chosen
+
+
+def _reachable_root(data_root: Path, os_user: str | None) -> Path:
+    """``data_root``, or a stand-in under the temp dir when the server's user cannot reach it.
+
+    A checkout under a private folder (a 0700 home or CI work dir) is common; rather than
+    loosening permissions on folders we do not own, the data moves to a folder named after
+    the original path, so every start for the same ``data_root`` finds the same cluster.
+    """
+    if os_user is None:
+        return data_root
+    account = pwd.getpwnam(os_user)
+    existing = next(p for p in [data_root, *data_root.parents] if p.exists())
+    if all(_can_enter(folder, account) for folder in [existing, *existing.parents]):
+        return data_root
+    digest = hashlib.sha256(str(data_root).encode()).hexdigest()[:16]
+    stand_in = Path(tempfile.gettempdir()) / f"churnguard-postgres-{digest}"
+    log.warning(
+        "PostgreSQL runs as %r, which cannot reach %s; keeping its data in %s instead",
+        os_user,
+        data_root,
+        stand_in,
+    )
+    return stand_in
 
 
 def _can_enter(folder: Path, account: pwd.struct_passwd) -> bool:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import TypeAdapter
 
+from churnguard.common.envelope import EnvelopeCodec
 from churnguard.common.events.billing import BillingEvent
 from churnguard.common.events.derived import (
     NotificationEvent,
@@ -44,10 +44,10 @@ class TopicSpec:
     cleanup_policy: Literal["delete", "compact"] = "delete"
     retention_ms: int | None = 30 * DAY_MS
     dead_letter: bool = True
-    adapter: TypeAdapter[Any] = field(init=False, repr=False, compare=False)
+    codec: EnvelopeCodec[Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "adapter", TypeAdapter(self.value))
+        object.__setattr__(self, "codec", EnvelopeCodec(self.value))
 
 
 class Topic(enum.Enum):
@@ -111,9 +111,15 @@ class Topic(enum.Enum):
     def topic(self) -> str:
         return self.spec.name
 
-    @cached_property
+    @property
     def adapter(self) -> TypeAdapter[Any]:
-        return self.spec.adapter
+        """Validates one event of this topic."""
+        return self.spec.codec.item
+
+    @property
+    def codec(self) -> EnvelopeCodec[Any]:
+        """Decodes this topic's envelope records."""
+        return self.spec.codec
 
     def name_in(self, prefix: str = "") -> str:
         return prefix + self.spec.name

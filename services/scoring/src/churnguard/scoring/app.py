@@ -81,7 +81,7 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
         async for event in stream.events():
             message = event.message
             try:
-                events = envelope.decode(event.value, Topic.USAGE.adapter)
+                events = Topic.USAGE.codec.decode(event.value)
             except envelope.InvalidEnvelope as exc:
                 await usage_dead_letters.send(
                     key=message.key,
