@@ -1,0 +1,54 @@
+# churnguard: every target installs what it needs first, on a machine with only Python 3.11+ and make.
+
+PYTHON ?= python3
+TOOLS  := .tools
+UV     := $(TOOLS)/bin/uv
+VENV   := .venv
+BIN    := $(VENV)/bin
+# never let uv download an interpreter: use the machine's Python
+export UV_PYTHON_DOWNLOADS := never
+
+PYTEST_ARGS ?=
+BENCH ?=
+
+.PHONY: install demo test bench lint format schemas clean
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check 'uv>=0.5,<0.14'
+
+$(BIN)/churnguard: $(UV) pyproject.toml uv.lock libs/common/pyproject.toml services/*/pyproject.toml
+	$(UV) sync --frozen --python $(PYTHON)
+	@touch $@
+
+install: $(BIN)/churnguard
+
+## demo: the embedded stack and every service in the foreground; Ctrl-C stops it all
+demo: install
+	$(BIN)/churnguard dev run
+
+## test: the whole suite on real brokers (Tansu, and Apache Kafka when java+mvn exist) and PostgreSQL
+test: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## bench: every benchmark, or one with BENCH=<name>; figures merge into bench/results.json
+bench: install
+	$(BIN)/python -m bench $(if $(BENCH),--only $(BENCH),)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy src libs/common/src services/ingest/src services/scoring/src
+	$(BIN)/churnguard schemas check
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+## schemas: regenerate the checked-in JSON Schemas from the event models
+schemas: install
+	$(BIN)/churnguard schemas export
+
+clean:
+	-$(BIN)/churnguard dev down
+	rm -rf .dev $(VENV) $(TOOLS)
