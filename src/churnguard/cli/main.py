@@ -224,10 +224,10 @@ def schemas_check() -> None:
 def db_migrate() -> None:
     """Create each service's schema and apply its migrations (CHURNGUARD_DATABASE_URL)."""
     from churnguard.common.settings import PlatformSettings
-    from churnguard.devstack.stack import migrate_all
+    from churnguard.common.setup import migrate
 
-    migrate_all(PlatformSettings().database_url.get_secret_value())
-    console.print("migrations applied")
+    schemas = migrate(PlatformSettings().database_url.get_secret_value())
+    console.print(f"migrations applied to: {', '.join(schemas)}")
 
 
 def main() -> None:

@@ -44,9 +44,6 @@ from churnguard.devstack.process import (
 
 log = logging.getLogger("churnguard.dev")
 
-SERVICE_SCHEMAS = ("ingest", "scoring")
-
-
 class StackSettings(BaseSettings):
     """Ports and folders of the embedded stack (env prefix ``CHURNGUARD_DEV_``)."""
 
@@ -233,11 +230,12 @@ class Supervisor:
 
     def _prepare(self) -> None:
         from churnguard.common.kafka import ensure_topics
+        from churnguard.common.setup import migrate
         from churnguard.common.topics import planned_topics
 
         report = asyncio.run(ensure_topics(self.settings.kafka_bootstrap, planned_topics()))
         log.info("topics: %d created, %d existed", len(report.created), len(report.existing))
-        migrate_all(self.settings.database_url)
+        log.info("schemas migrated: %s", ", ".join(migrate(self.settings.database_url)))
 
     def _start_service(self, spec: ServiceSpec) -> None:
         proc = ManagedProcess(
@@ -299,20 +297,6 @@ class Supervisor:
         tmp = self.settings.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.settings.state_file)
-
-
-def migrate_all(database_url: str) -> None:
-    """Create each service's schema and apply its migrations (idempotent)."""
-    from importlib import resources
-
-    from churnguard.common.db import run_migrations
-
-    for schema in SERVICE_SCHEMAS:
-        package = f"churnguard.{schema}"
-        with contextlib.suppress(ModuleNotFoundError):
-            location = resources.files(package) / "migrations"
-            if location.is_dir():
-                run_migrations(database_url, schema, Path(str(location)))
 
 
 def up(settings: StackSettings, timeout: float = 180) -> dict[str, Any]:
