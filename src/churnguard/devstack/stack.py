@@ -175,12 +175,27 @@ class Supervisor:
             for spec in services(self.settings):
                 self._start_service(spec)
             self._write_state(ready=True)
-            log.info("stack ready")
+            log.info("stack ready\n%s", self.where_to_look())
             while not self._stop_requested:
                 self._watch_services()
                 time.sleep(0.5)
         finally:
             self.stop()
+
+    def where_to_look(self) -> str:
+        s = self.settings
+        return "\n".join(
+            [
+                f"  ingest API      http://{s.host}:{s.ingest_port}/docs",
+                f"  scoring         http://{s.host}:{s.scoring_port}/accounts/<id>/usage-count",
+                f"  metrics         http://{s.host}:{s.ingest_port}/metrics, "
+                f"http://{s.host}:{s.scoring_port}/metrics",
+                f"  Kafka           {s.kafka_bootstrap}",
+                f"  PostgreSQL      postgresql://postgres@{s.host}:{s.postgres_port}/postgres",
+                f"  logs            {s.logs}/",
+                "  Ctrl-C stops everything.",
+            ]
+        )
 
     def _request_stop(self, signum: int, frame: object) -> None:
         self._stop_requested = True
