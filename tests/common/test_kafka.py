@@ -6,7 +6,7 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from churnguard.common import envelope
 from churnguard.common.events.usage import FeatureUsed, FeatureUsedData
@@ -14,6 +14,7 @@ from churnguard.common.kafka import (
     ConsumerLoop,
     DeadLetterBreaker,
     DeadLetterBreakerTripped,
+    RecordProcessor,
     make_producer,
 )
 from churnguard.common.topics import Topic
@@ -52,6 +53,26 @@ def event(account: str, n: int) -> FeatureUsed:
     )
 
 
+def usage_loop(
+    kafka: KafkaBroker,
+    prefix: str,
+    name: str,
+    process: RecordProcessor,
+    producer: AIOKafkaProducer,
+    breaker: DeadLetterBreaker,
+) -> ConsumerLoop:
+    return ConsumerLoop(
+        name=f"test-{name}",
+        bootstrap=kafka.bootstrap,
+        topics=[Topic.USAGE.name_in(prefix)],
+        group_id=prefix + name,
+        process=process,
+        dead_letter_topic=lambda t: Topic.USAGE.dead_letter_in(prefix),
+        producer=producer,
+        breaker=breaker,
+    )
+
+
 async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
     await consumer.start()
@@ -79,16 +100,7 @@ async def test_loop_processes_dead_letters_and_commits_after(
             done.set()
         return len(events)
 
-    loop = ConsumerLoop(
-        name="test-loop",
-        bootstrap=kafka.bootstrap,
-        topics=[topic],
-        group_id=kafka_topics + "loop",
-        process=process,
-        dead_letter_topic=lambda t: Topic.USAGE.dead_letter_in(kafka_topics),
-        producer=producer,
-        breaker=DeadLetterBreaker(0.9, 100),
-    )
+    loop = usage_loop(kafka, kafka_topics, "loop", process, producer, DeadLetterBreaker(0.9, 100))
     try:
         for account, n in (("acct_a", 3), ("acct_b", 2)):
             batch = [event(account, i) for i in range(n)]
@@ -125,16 +137,7 @@ async def test_breaker_stops_the_loop_instead_of_emptying_the_topic(
     async def process(record: ConsumerRecord) -> int:
         return len(Topic.USAGE.codec.decode(record.value))
 
-    loop = ConsumerLoop(
-        name="test-breaker",
-        bootstrap=kafka.bootstrap,
-        topics=[topic],
-        group_id=kafka_topics + "breaker",
-        process=process,
-        dead_letter_topic=lambda t: Topic.USAGE.dead_letter_in(kafka_topics),
-        producer=producer,
-        breaker=DeadLetterBreaker(0.5, 4),
-    )
+    loop = usage_loop(kafka, kafka_topics, "breaker", process, producer, DeadLetterBreaker(0.5, 4))
     try:
         for i in range(10):
             await producer.send_and_wait(topic, b"garbage %d" % i, partition=0)

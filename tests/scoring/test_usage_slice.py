@@ -9,8 +9,9 @@ import pytest
 
 from churnguard.common.kafka import make_producer
 from churnguard.common.topics import Topic
+from churnguard.devstack.process import wait_until
 from tests.fixtures.kafka import KafkaBroker, read_topic
-from tests.fixtures.services import RunningService
+from tests.fixtures.services import RunningService, ServiceFactory
 from tests.ingest.test_usage_endpoint import usage_event
 
 pytestmark = pytest.mark.integration
@@ -84,3 +85,25 @@ async def test_malformed_record_goes_to_dead_letters_and_the_agent_goes_on(
         )
         assert r.status_code == 202
         await await_counts(client, scoring_service, {"acct_after": 1})
+
+
+async def test_worker_stops_when_most_records_dead_letter(
+    kafka: KafkaBroker, kafka_topics: str, start_scoring: ServiceFactory
+) -> None:
+    scoring = start_scoring(
+        CHURNGUARD_DEAD_LETTER_WINDOW="3", CHURNGUARD_DEAD_LETTER_MAX_RATIO="0.5"
+    )
+    topic = Topic.USAGE.name_in(kafka_topics)
+    producer = make_producer(kafka.bootstrap, client_id="test", idempotent=kafka.idempotent)
+    await producer.start()
+    try:
+        for i in range(5):
+            await producer.send_and_wait(topic, b"not an envelope %d" % i, partition=0)
+    finally:
+        await producer.stop()
+    await asyncio.to_thread(
+        wait_until, lambda: not scoring.process.alive(), timeout=60, what="scoring to stop"
+    )
+    assert "stopping instead of dead-lettering everything" in scoring.process.log_tail(200)
+    dead = await read_topic(kafka.bootstrap, Topic.USAGE.dead_letter_in(kafka_topics), 3)
+    assert [d.offset for d in dead][:3] == [0, 1, 2]

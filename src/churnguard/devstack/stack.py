@@ -44,6 +44,7 @@ from churnguard.devstack.process import (
 
 log = logging.getLogger("churnguard.dev")
 
+
 class StackSettings(BaseSettings):
     """Ports and folders of the embedded stack (env prefix ``CHURNGUARD_DEV_``)."""
 

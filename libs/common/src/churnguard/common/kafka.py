@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -172,6 +173,83 @@ class DeadLetterBreaker:
         return len(self._recent) >= self.window and self.ratio > self.max_ratio
 
 
+DeadLetterSend = Callable[
+    [str, bytes | None, bytes | None, list[tuple[str, bytes]]], Awaitable[Any]
+]
+"""Sends (topic, key, value, headers) and returns once Kafka acknowledged the record."""
+
+
+class DeadLetters:
+    """Where one consumer's rejected records go, and when that consumer must stop.
+
+    Shared by :class:`ConsumerLoop` and the Faust agents, which differ only in how they
+    send (``send``). Every dead letter is acknowledged by Kafka before the caller moves
+    on, so committing the original record afterwards can never lose it.
+    """
+
+    def __init__(self, consumer: str, send: DeadLetterSend, breaker: DeadLetterBreaker) -> None:
+        self.consumer = consumer
+        self.send = send
+        self.breaker = breaker
+
+    async def reject(
+        self,
+        *,
+        dead_letter_topic: str,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Iterable[tuple[str, bytes]] | None,
+        reason: str,
+        error: str,
+    ) -> None:
+        await self.send(
+            dead_letter_topic,
+            key,
+            value,
+            dead_letter_headers(
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                headers=headers,
+                reason=reason,
+                consumer=self.consumer,
+                error=error,
+            ),
+        )
+        self.breaker.record(True)
+        metrics.DEAD_LETTERS.labels(self.consumer, topic).inc()
+        log.warning(
+            "record dead-lettered: %s",
+            reason,
+            extra={
+                "consumer": self.consumer,
+                "topic": topic,
+                "partition": partition,
+                "offset": offset,
+                "dead_letter_topic": dead_letter_topic,
+            },
+        )
+
+    def accept(self) -> None:
+        self.breaker.record(False)
+
+    def raise_if_tripped(self) -> None:
+        if not self.breaker.tripped:
+            return
+        metrics.CONSUMER_STOPPED.labels(self.consumer).set(1)
+        msg = (
+            f"{self.consumer}: {self.breaker.ratio:.0%} of the last {self.breaker.window} "
+            f"records went to dead letters (limit {self.breaker.max_ratio:.0%}); "
+            "stopping instead of dead-lettering everything. Inspect the dead-letter "
+            "topic, fix the cause, then restart."
+        )
+        log.critical(msg, extra={"consumer": self.consumer})
+        raise DeadLetterBreakerTripped(msg)
+
+
 RecordProcessor = Callable[[ConsumerRecord], Awaitable[int]]
 """Processes one record and returns how many events it held; raises InvalidRecord if bad."""
 
@@ -201,8 +279,14 @@ class ConsumerLoop:
         self.topics = list(topics)
         self.process = process
         self.dead_letter_topic = dead_letter_topic
-        self.producer = producer
         self.breaker = breaker
+
+        async def send(
+            topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+        ) -> Any:
+            return await producer.send_and_wait(topic, value=value, key=key, headers=headers)
+
+        self.dead_letters = DeadLetters(name, send, breaker)
         self.max_batch = max_batch
         self.consumer = AIOKafkaConsumer(
             *self.topics,
@@ -249,8 +333,7 @@ class ConsumerLoop:
                     offsets[tp] = record.offset + 1
                     # checked after the offset is recorded: the record that trips the
                     # breaker is already in the dead-letter topic and must not go twice
-                    if self.breaker.tripped:
-                        self._trip()
+                    self.dead_letters.raise_if_tripped()
         finally:
             # commit what was fully handled, even when the breaker trips mid-batch
             if offsets:
@@ -261,49 +344,18 @@ class ConsumerLoop:
         try:
             events = await self.process(record)
         except (InvalidRecord, InvalidEnvelope) as exc:
-            await self._dead_letter(record, exc.reason, type(exc).__name__)
-            self.breaker.record(True)
-            return
-        self.breaker.record(False)
-        metrics.CONSUMER_RECORDS.labels(self.name, record.topic).inc()
-        metrics.CONSUMER_EVENTS.labels(self.name, record.topic).inc(events)
-
-    def _trip(self) -> None:
-        metrics.CONSUMER_STOPPED.labels(self.name).set(1)
-        msg = (
-            f"{self.name}: {self.breaker.ratio:.0%} of the last {self.breaker.window} "
-            f"records went to dead letters (limit {self.breaker.max_ratio:.0%}); "
-            "stopping instead of dead-lettering everything. Inspect the dead-letter "
-            "topic, fix the cause, then restart."
-        )
-        log.critical(msg, extra={"consumer": self.name})
-        raise DeadLetterBreakerTripped(msg)
-
-    async def _dead_letter(self, record: ConsumerRecord, reason: str, error: str) -> None:
-        topic = self.dead_letter_topic(record.topic)
-        await self.producer.send_and_wait(
-            topic,
-            value=record.value,
-            key=record.key,
-            headers=dead_letter_headers(
+            await self.dead_letters.reject(
+                dead_letter_topic=self.dead_letter_topic(record.topic),
                 topic=record.topic,
                 partition=record.partition,
                 offset=record.offset,
+                key=record.key,
+                value=record.value,
                 headers=record.headers,
-                reason=reason,
-                consumer=self.name,
-                error=error,
-            ),
-        )
-        metrics.DEAD_LETTERS.labels(self.name, record.topic).inc()
-        log.warning(
-            "record dead-lettered",
-            extra={
-                "consumer": self.name,
-                "topic": record.topic,
-                "partition": record.partition,
-                "offset": record.offset,
-                "reason": reason,
-                "dead_letter_topic": topic,
-            },
-        )
+                reason=exc.reason,
+                error=type(exc).__name__,
+            )
+            return
+        self.dead_letters.accept()
+        metrics.CONSUMER_RECORDS.labels(self.name, record.topic).inc()
+        metrics.CONSUMER_EVENTS.labels(self.name, record.topic).inc(events)

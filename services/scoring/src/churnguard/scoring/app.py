@@ -13,6 +13,8 @@ replace it in the scoring issue.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections import Counter
 from typing import Any
 
@@ -20,7 +22,7 @@ import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from churnguard.common import envelope, metrics
-from churnguard.common.kafka import DeadLetterBreaker, DeadLetterBreakerTripped, dead_letter_headers
+from churnguard.common.kafka import DeadLetterBreaker, DeadLetterBreakerTripped, DeadLetters
 from churnguard.common.topics import Topic
 from churnguard.scoring.settings import ScoringSettings
 
@@ -60,11 +62,24 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
     )
-    usage_dead_letters = app.topic(
-        Topic.USAGE.dead_letter_in(prefix), key_serializer="raw", value_serializer="raw"
-    )
     usage_counts = app.Table("usage-event-counts", default=int, partitions=settings.partitions)
-    breaker = DeadLetterBreaker(platform.dead_letter_max_ratio, platform.dead_letter_window)
+    dead_letter_topics: dict[str, faust.TopicT] = {}
+
+    async def send_dead_letter(
+        topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> Any:
+        if topic not in dead_letter_topics:
+            dead_letter_topics[topic] = app.topic(
+                topic, key_serializer="raw", value_serializer="raw"
+            )
+        sent = await dead_letter_topics[topic].send(key=key, value=value, headers=headers)
+        return await sent  # Faust buffers sends; wait for Kafka's acknowledgement
+
+    dead_letters = DeadLetters(
+        CONSUMER_NAME,
+        send_dead_letter,
+        DeadLetterBreaker(platform.dead_letter_max_ratio, platform.dead_letter_window),
+    )
 
     @app.task
     async def announce() -> None:
@@ -83,37 +98,27 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
             try:
                 events = Topic.USAGE.codec.decode(event.value)
             except envelope.InvalidEnvelope as exc:
-                await usage_dead_letters.send(
+                await dead_letters.reject(
+                    dead_letter_topic=Topic.USAGE.dead_letter_in(prefix),
+                    topic=message.topic,
+                    partition=message.partition,
+                    offset=message.offset,
                     key=message.key,
                     value=message.value,
-                    headers=dead_letter_headers(
-                        topic=message.topic,
-                        partition=message.partition,
-                        offset=message.offset,
-                        headers=message.headers,
-                        reason=exc.reason,
-                        consumer=CONSUMER_NAME,
-                        error=type(exc).__name__,
-                    ),
+                    headers=message.headers,
+                    reason=exc.reason,
+                    error=type(exc).__name__,
                 )
-                metrics.DEAD_LETTERS.labels(CONSUMER_NAME, message.topic).inc()
-                log.warning(
-                    "record dead-lettered: %s",
-                    exc.reason,
-                    extra={
-                        "topic": message.topic,
-                        "partition": message.partition,
-                        "offset": message.offset,
-                    },
-                )
-                breaker.record(True)
-                if breaker.tripped:
-                    metrics.CONSUMER_STOPPED.labels(CONSUMER_NAME).set(1)
-                    raise DeadLetterBreakerTripped(
-                        f"{breaker.ratio:.0%} of the last {breaker.window} records dead-lettered"
-                    ) from exc
+                try:
+                    dead_letters.raise_if_tripped()
+                except DeadLetterBreakerTripped:
+                    # A crashed agent is only restarted by Faust, and a crashed app leaves
+                    # the worker process up, so stop the worker the way an operator would:
+                    # SIGTERM takes Faust's graceful path (flush the producer, commit).
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
                 continue
-            breaker.record(False)
+            dead_letters.accept()
             # one table write per account per envelope, not per event (DESIGN.md, Throughput)
             for account_id, n in Counter(e.subject for e in events).items():
                 usage_counts[account_id] += n
