@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from churnguard.common import metrics
 from churnguard.common.events.usage import UsageEvent
 from churnguard.common.kafka import make_producer
+from churnguard.common.logs import bind_event
 from churnguard.common.topics import Topic
 from churnguard.ingest.publisher import EnvelopePublisher, PublishFailed
 from churnguard.ingest.settings import IngestSettings
@@ -80,11 +81,12 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
     async def publish_usage(event: UsageEvent) -> Accepted:
         started = time.perf_counter()
         publisher: EnvelopePublisher = app.state.publisher
-        try:
-            (published,) = await publisher.publish(Topic.USAGE, [event])
-        except PublishFailed as exc:
-            log.error("publish failed", extra={"event_id": event.id, "error": str(exc)})
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
+        with bind_event(event.id, event.subject):
+            try:
+                (published,) = await publisher.publish(Topic.USAGE, [event])
+            except PublishFailed as exc:
+                log.error("publish failed: %s", exc)
+                raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
         metrics.INGEST_EVENTS.labels(Topic.USAGE.topic, event.type).inc()
         metrics.INGEST_PUBLISH_SECONDS.labels(Topic.USAGE.topic).observe(
             time.perf_counter() - started
