@@ -10,6 +10,7 @@ from bench.harness import RESULTS, merge
 BENCHMARKS = {
     "broker": "bench.broker",
     "envelope": "bench.envelope",
+    "simulate": "bench.simulate",
 }
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pyarrow.parquet as pq
 import pytest
 
 from churnguard.common.events import event_class_for
@@ -29,7 +30,7 @@ GRR = (0.80, 0.95)
 
 
 def world_to(folder: Path, **config: object) -> Path:
-    write_world(World(SimConfig(**config)), folder)  # type: ignore[arg-type]
+    write_world(World(SimConfig(**config)), folder, parquet=False)  # type: ignore[arg-type]
     return folder
 
 
@@ -94,6 +95,8 @@ def test_default_world_is_realistic_and_complete(tmp_path: Path) -> None:
     assert NRR[0] <= r["nrr"] <= NRR[1], r
     assert GRR[0] <= r["grr"] <= GRR[1], r
     assert "logo churn" in result.stdout
+    assert summary["parquet"] is True
+    assert pq.read_metadata(tmp_path / "events.parquet").num_rows == summary["events"]
     produced = set(summary["events_by_type"])
     for cls in (c for c in _input_event_types()):
         assert cls in produced, f"the default world never produces {cls}"

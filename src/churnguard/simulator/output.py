@@ -105,8 +105,13 @@ def _type_of(line: bytes) -> str:
     return line[start : line.index(b'"', start)].decode()
 
 
-def write_world(world: World, out: Path, on_day: Progress | None = None) -> WriteStats:
-    """Run the world to its end, writing the folder described in the module docstring."""
+def write_world(
+    world: World, out: Path, on_day: Progress | None = None, *, parquet: bool = True
+) -> WriteStats:
+    """Run the world to its end, writing the folder described in the module docstring.
+
+    ``parquet=False`` skips the Parquet copy even when pyarrow is installed.
+    """
     out.mkdir(parents=True, exist_ok=True)
     stats = WriteStats()
     started = time.perf_counter()
@@ -126,7 +131,7 @@ def write_world(world: World, out: Path, on_day: Progress | None = None) -> Writ
     with (out / GROUND_TRUTH).open("wb") as truth:
         truth.writelines(orjson.dumps(row) + b"\n" for row in world.ground_truth())
     stats.elapsed_s = time.perf_counter() - started
-    parquet = _write_parquet(out)
+    parquet = parquet and _write_parquet(out)
     ground_truth = read_ground_truth(out)
     summary = {
         "config": json.loads(world.config.model_dump_json()),
