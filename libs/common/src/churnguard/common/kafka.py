@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -173,6 +173,24 @@ class DeadLetterBreaker:
         return len(self._recent) >= self.window and self.ratio > self.max_ratio
 
 
+class ConsumedRecord(Protocol):
+    """What a dead letter needs of a consumed record: aiokafka's ConsumerRecord and
+    Faust's Message both have these attributes."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Any: ...
+
+
 DeadLetterSend = Callable[
     [str, bytes | None, bytes | None, list[tuple[str, bytes]]], Awaitable[Any]
 ]
@@ -193,42 +211,32 @@ class DeadLetters:
         self.breaker = breaker
 
     async def reject(
-        self,
-        *,
-        dead_letter_topic: str,
-        topic: str,
-        partition: int,
-        offset: int,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Iterable[tuple[str, bytes]] | None,
-        reason: str,
-        error: str,
+        self, record: ConsumedRecord, *, dead_letter_topic: str, reason: str, error: str
     ) -> None:
         await self.send(
             dead_letter_topic,
-            key,
-            value,
+            record.key,
+            record.value,
             dead_letter_headers(
-                topic=topic,
-                partition=partition,
-                offset=offset,
-                headers=headers,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                headers=record.headers,
                 reason=reason,
                 consumer=self.consumer,
                 error=error,
             ),
         )
         self.breaker.record(True)
-        metrics.DEAD_LETTERS.labels(self.consumer, topic).inc()
+        metrics.DEAD_LETTERS.labels(self.consumer, record.topic).inc()
         log.warning(
             "record dead-lettered: %s",
             reason,
             extra={
                 "consumer": self.consumer,
-                "topic": topic,
-                "partition": partition,
-                "offset": offset,
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
                 "dead_letter_topic": dead_letter_topic,
             },
         )
@@ -345,13 +353,8 @@ class ConsumerLoop:
             events = await self.process(record)
         except (InvalidRecord, InvalidEnvelope) as exc:
             await self.dead_letters.reject(
+                record,
                 dead_letter_topic=self.dead_letter_topic(record.topic),
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                key=record.key,
-                value=record.value,
-                headers=record.headers,
                 reason=exc.reason,
                 error=type(exc).__name__,
             )

@@ -99,13 +99,8 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
                 events = Topic.USAGE.codec.decode(event.value)
             except envelope.InvalidEnvelope as exc:
                 await dead_letters.reject(
+                    message,
                     dead_letter_topic=Topic.USAGE.dead_letter_in(prefix),
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    key=message.key,
-                    value=message.value,
-                    headers=message.headers,
                     reason=exc.reason,
                     error=type(exc).__name__,
                 )
