@@ -257,6 +257,9 @@ def simulate(
         str,
         typer.Option(envvar="CHURNGUARD_SIMULATOR_STRIPE_SECRET", help="Webhook signing secret"),
     ] = "whsec_dev",
+    parquet: Annotated[
+        bool, typer.Option(help="Folder only: also write events.parquet when pyarrow is installed")
+    ] = True,
 ) -> None:
     """Simulate a B2B SaaS customer base and write it to a folder or replay it into ingest."""
     from churnguard.simulator.world import SimConfig, World
@@ -284,7 +287,7 @@ def simulate(
         from churnguard.simulator.output import write_world
 
         out = Path(to)
-        written = write_world(world, out, on_day)
+        written = write_world(world, out, on_day, parquet=parquet)
     summary = json.loads((out / "summary.json").read_text())
     r = summary["realism"]
     console.print(

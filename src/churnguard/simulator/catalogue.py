@@ -63,6 +63,9 @@ PLANS = tuple(PLAN_PRICES)
 PLAN_INDEX = {name: i for i, name in enumerate(PLANS)}
 PRICE_BY_PLAN = np.array([PLAN_PRICES[p] for p in PLANS], dtype=np.int64)
 
+ADDON_MRR = 250_00
+"""The analytics add-on: a flat monthly price on top of the seats, for mid-market and up."""
+
 CSM_ARR_THRESHOLD_CENTS = 10_000_00
 """Accounts at or above this ARR ($10k) get a named CSM owner."""
 CSMS = tuple(f"csm_{n}" for n in ("ana", "ben", "chloe", "dev", "eli", "farah", "gus", "hana"))

@@ -130,8 +130,8 @@ def write_world(
                 on_day(stats.events, day)
     with (out / GROUND_TRUTH).open("wb") as truth:
         truth.writelines(orjson.dumps(row) + b"\n" for row in world.ground_truth())
-    stats.elapsed_s = time.perf_counter() - started
     parquet = parquet and _write_parquet(out)
+    stats.elapsed_s = time.perf_counter() - started
     ground_truth = read_ground_truth(out)
     summary = {
         "config": json.loads(world.config.model_dump_json()),

@@ -136,7 +136,11 @@ class World:
         self.seats = np.maximum(1, np.round(rng.lognormal(np.log(median), sigma))).astype(np.int32)
         self.users = np.maximum(1, np.ceil(self.seats * rng.uniform(0.55, 1.0, n))).astype(np.int32)
         self.users = np.minimum(self.users, self.seats)
-        self.mrr = self.seats.astype(np.int64) * cat.PRICE_BY_PLAN[self.plan]
+        # a flat-priced add-on some larger customers already have
+        self.addon = np.where(
+            (self.seg > 0) & existing & (rng.random(n) < 0.2), cat.ADDON_MRR, 0
+        ).astype(np.int64)
+        self.mrr = self.seats.astype(np.int64) * cat.PRICE_BY_PLAN[self.plan] + self.addon
 
         persona = rng.choice(len(cat.PERSONAS), n, p=cat.PERSONA_SHARES).astype(np.int8)
         # customers who never reached value would have left before becoming old customers
@@ -350,7 +354,8 @@ class World:
             1.0,
         )
         rate = np.array([s.active_rate for s in cat.SEGMENTS])[self.seg[a]]
-        p = rate * cat.PERSONA_ACTIVITY[persona] * (0.1 + 0.9 * self.sat[a]) * weekday * seasonal
+        engagement = (0.05 + 0.95 * self.sat[a]) ** 1.5  # disengagement shows in usage first
+        p = rate * cat.PERSONA_ACTIVITY[persona] * engagement * weekday * seasonal
         p = np.where(self.state[a] == PENDING, p * 0.5, p)
         k = rng.binomial(self.users[a], np.clip(p, 0, 0.95))
         act = a[k > 0]
@@ -429,7 +434,7 @@ class World:
         rng = self.rng
         active = a[self.state[a] == ACTIVE]
         sat = self.sat[active]
-        draws = rng.random((5, active.size))
+        draws = rng.random((7, active.size))
         grow = active[(self.users[active] < self.seats[active]) & (sat > 0.55) & (draws[0] < 0.008)]
         shrink = active[(sat < 0.35) & (self.users[active] > 1) & (draws[1] < 0.01)]
         expand = active[
@@ -439,6 +444,9 @@ class World:
         upgrade = active[
             (sat > 0.8) & (self.plan[active] < len(cat.PLANS) - 1) & (draws[4] < 0.0012)
         ]
+        has_addon = self.addon[active] > 0
+        buy_addon = active[(self.seg[active] > 0) & ~has_addon & (sat > 0.7) & (draws[5] < 0.0008)]
+        drop_addon = active[has_addon & (sat < 0.35) & (draws[6] < 0.004)]
         for acc in grow.tolist():
             self.users[acc] += 1
             sec = self._sec()
@@ -461,6 +469,12 @@ class World:
             previous = self._subscription(acc, "active")
             self.plan[acc] += 1
             self._change_mrr(d, acc, previous, self._sec())
+        for acc, price in [(x, cat.ADDON_MRR) for x in buy_addon.tolist()] + [
+            (x, 0) for x in drop_addon.tolist()
+        ]:
+            previous = self._subscription(acc, "active")
+            self.addon[acc] = price
+            self._change_mrr(d, acc, previous, self._sec())
 
     def _resize(self, d: int, a: int, delta: int) -> None:
         previous = self._subscription(a, "active")
@@ -471,7 +485,7 @@ class World:
         self._seats_changed(a, sec)
 
     def _change_mrr(self, d: int, a: int, previous: dict[str, Any], sec: int) -> None:
-        self.mrr[a] = int(self.seats[a]) * int(cat.PRICE_BY_PLAN[self.plan[a]])
+        self.mrr[a] = int(self.seats[a]) * int(cat.PRICE_BY_PLAN[self.plan[a]]) + int(self.addon[a])
         self.mrr_history[a].append((d, int(self.mrr[a])))
         data = self._subscription(a, "active") | {
             "previous_mrr": previous["mrr"],
