@@ -189,6 +189,7 @@ class World:
         self.dun_tries = np.zeros(n, dtype=np.int8)
         self.dun_invoice: dict[int, tuple[str, int]] = {}
         self.account_ids = [f"acct_{(i * 2654435761 + c.seed * 97) % 16**7:07x}" for i in range(n)]
+        self._index = {a: i for i, a in enumerate(self.account_ids)}
         self.sub_ids = [f"sub_{a[5:]}{c.seed:x}" for a in self.account_ids]
         self.mrr_history: list[list[tuple[int, int]]] = [
             [(int(self.signup_day[i]), int(self.mrr[i]))] if existing[i] else [] for i in range(n)
@@ -198,8 +199,6 @@ class World:
     # -- identity and emission ---------------------------------------------------------------
 
     def account_index(self, account_id: str) -> int:
-        if not hasattr(self, "_index"):
-            self._index = {a: i for i, a in enumerate(self.account_ids)}
         return self._index[account_id]
 
     def _id(self, prefix: str) -> str:
