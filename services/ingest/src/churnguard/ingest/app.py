@@ -57,6 +57,7 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.publisher.flush_all()
             await producer.stop()
 
     app = FastAPI(
@@ -86,7 +87,11 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
                 (published,) = await publisher.publish(Topic.USAGE, [event])
             except PublishFailed as exc:
                 log.error("publish failed: %s", exc)
-                raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
+                raise HTTPException(
+                    status.HTTP_503_SERVICE_UNAVAILABLE,
+                    str(exc),
+                    headers={"Retry-After": str(settings.retry_after_s)},
+                ) from exc
         metrics.INGEST_EVENTS.labels(Topic.USAGE.topic, event.type).inc()
         metrics.INGEST_PUBLISH_SECONDS.labels(Topic.USAGE.topic).observe(
             time.perf_counter() - started

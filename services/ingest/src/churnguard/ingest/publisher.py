@@ -1,11 +1,29 @@
-"""Publishing events as partition envelopes, acknowledged by Kafka before anyone is told."""
+"""Publishing events as partition envelopes, acknowledged by Kafka before anyone is told.
+
+Events bound for one partition of one topic are grouped into one record (DESIGN.md,
+"Envelopes"): within a request, and across concurrent requests that arrive within a
+short linger window, so an envelope grows with load whatever the mix of accounts. Each
+caller awaits the acknowledgement of the record that holds its events; only then does
+the HTTP response go out.
+
+Three bounds keep a slow or absent Kafka from costing events or memory:
+
+* every publish waits at most ``timeout_s`` for its acknowledgement, then fails with
+  :class:`PublishFailed` (the API answers 503 with ``Retry-After``);
+* at most ``max_pending_events`` may wait for Kafka at once; beyond that a publish fails
+  at once instead of queueing (backpressure, not buffering into memory);
+* a record that timed out may still be delivered by the producer later; the client's
+  retry then finds the id in the :class:`DedupeWindow` and is answered as a duplicate,
+  so a retried request never publishes twice within the window.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+import time
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -16,7 +34,7 @@ from churnguard.common.topics import Topic
 
 
 class PublishFailed(RuntimeError):
-    """Kafka did not acknowledge in time; the caller must not report success."""
+    """Kafka did not acknowledge in time, or too much already waits: retry later."""
 
 
 @dataclass(frozen=True)
@@ -24,48 +42,208 @@ class Published:
     topic: str
     partition: int
     offset: int
-    events: int
+    duplicate: bool = False
+    """The id was already published within the dedupe window; nothing was produced now."""
+
+
+class DedupeWindow:
+    """Ids acknowledged recently, with where they went; oldest forgotten first.
+
+    Per process: with several ingest workers a duplicate that lands on another worker
+    is published again, and downstream consumers dedupe by the same id.
+    """
+
+    def __init__(self, ttl_s: float = 600.0, max_ids: int = 1_000_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_ids = max_ids
+        self._seen: OrderedDict[str, tuple[float, Published]] = OrderedDict()
+
+    def get(self, event_id: str) -> Published | None:
+        self._expire()
+        hit = self._seen.get(event_id)
+        return hit[1] if hit else None
+
+    def add(self, event_id: str, published: Published) -> None:
+        self._seen[event_id] = (time.monotonic() + self.ttl_s, published)
+        self._seen.move_to_end(event_id)
+        while len(self._seen) > self.max_ids:
+            self._seen.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._seen:
+            expiry, _ = next(iter(self._seen.values()))
+            if expiry > now:
+                break
+            self._seen.popitem(last=False)
+
+
+@dataclass
+class _Pending:
+    """Events waiting for one (topic, partition) envelope."""
+
+    payloads: list[bytes] = field(default_factory=list)
+    subjects: set[str] = field(default_factory=set)
+    size: int = 0
+    waiters: list[tuple[str, asyncio.Future[Published]]] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class PublisherStats:
+    envelopes: int = 0
+    events: int = 0
+    duplicates: int = 0
+    envelope_sizes: list[int] = field(default_factory=list)
 
 
 class EnvelopePublisher:
-    """Groups events by target partition, one envelope record per partition, acks=all.
+    """Groups events by target partition into envelopes, across requests; acks=all.
 
-    The partition is computed from the account id (Kafka's murmur2) against the topic's
-    *current* partition count from broker metadata, so an operator who adds partitions
-    changes placement the same way a Java producer would.
+    The partition is murmur2 of the account id against the topic's current partition
+    count from broker metadata, so placement matches a Java producer's.
     """
 
-    def __init__(self, producer: AIOKafkaProducer, prefix: str, timeout_s: float) -> None:
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        prefix: str,
+        timeout_s: float,
+        *,
+        linger_s: float = 0.002,
+        max_envelope_events: int = 500,
+        max_envelope_bytes: int = 768 * 1024,
+        max_pending_events: int = 50_000,
+        dedupe: DedupeWindow | None = None,
+    ) -> None:
         self.producer = producer
         self.prefix = prefix
         self.timeout_s = timeout_s
+        self.linger_s = linger_s
+        self.max_envelope_events = max_envelope_events
+        self.max_envelope_bytes = max_envelope_bytes
+        self.max_pending_events = max_pending_events
+        self.dedupe = dedupe or DedupeWindow()
+        self.stats = PublisherStats()
+        self._pending: dict[tuple[str, int], _Pending] = defaultdict(_Pending)
+        self._in_flight: dict[str, asyncio.Future[Published]] = {}
+        self._waiting = 0
 
     async def partitions(self, topic: str) -> int:
         # served from the client's metadata cache; fetched from the broker only when unknown
         return len(await self.producer.partitions_for(topic))
 
     async def publish(self, topic: Topic, events: Sequence[CloudEvent]) -> list[Published]:
+        """Publish ``events``; returns once Kafka acknowledged every one (or duplicates)."""
+        if self._waiting + len(events) > self.max_pending_events:
+            raise PublishFailed(
+                f"{self._waiting} events already wait for Kafka (limit {self.max_pending_events})"
+            )
         name = topic.name_in(self.prefix)
-        n = await self.partitions(name)
-        by_partition: dict[int, list[CloudEvent]] = defaultdict(list)
+        try:
+            n = await asyncio.wait_for(self.partitions(name), self.timeout_s)
+        except (TimeoutError, KafkaError) as exc:
+            raise PublishFailed(f"no metadata for {name} from Kafka: {exc!r}") from exc
+        results: list[asyncio.Future[Published]] = []
+        loop = asyncio.get_running_loop()
         for event in events:
-            by_partition[envelope.partition_for(event.subject, n)].append(event)
+            if (seen := self.dedupe.get(event.id)) is not None:
+                done: asyncio.Future[Published] = loop.create_future()
+                done.set_result(Published(seen.topic, seen.partition, seen.offset, duplicate=True))
+                self.stats.duplicates += 1
+                results.append(done)
+                continue
+            if (flying := self._in_flight.get(event.id)) is not None:
+                results.append(flying)  # the same id in flight: share its outcome
+                self.stats.duplicates += 1
+                continue
+            future: asyncio.Future[Published] = loop.create_future()
+            self._in_flight[event.id] = future
+            self._enqueue(name, envelope.partition_for(event.subject, n), event, future)
+            results.append(future)
+        self._waiting += len(events)
         try:
             async with asyncio.timeout(self.timeout_s):
-                futures = [
-                    (
-                        len(group),
-                        await self.producer.send(
-                            name,
-                            value=envelope.encode(group),
-                            key=envelope.record_key(group),
-                            partition=partition,
-                            headers=envelope.headers(),
-                        ),
-                    )
-                    for partition, group in by_partition.items()
-                ]
-                results = [(count, await fut) for count, fut in futures]
-        except (TimeoutError, KafkaError) as exc:
-            raise PublishFailed(f"Kafka did not acknowledge {name}: {exc!r}") from exc
-        return [Published(md.topic, md.partition, md.offset, count) for count, md in results]
+                return list(await asyncio.gather(*(asyncio.shield(f) for f in results)))
+        except TimeoutError as exc:
+            raise PublishFailed(
+                f"Kafka did not acknowledge {name} within {self.timeout_s} s"
+            ) from exc
+        except KafkaError as exc:
+            raise PublishFailed(f"Kafka refused {name}: {exc!r}") from exc
+        finally:
+            self._waiting -= len(events)
+
+    def _enqueue(
+        self, topic: str, partition: int, event: CloudEvent, future: asyncio.Future[Published]
+    ) -> None:
+        payload = event.to_json()
+        pending = self._pending[(topic, partition)]
+        if pending.payloads and (
+            len(pending.payloads) >= self.max_envelope_events
+            or pending.size + len(payload) > self.max_envelope_bytes
+        ):
+            self._flush(topic, partition)
+            pending = self._pending[(topic, partition)]
+        pending.payloads.append(payload)
+        pending.subjects.add(event.subject)
+        pending.size += len(payload) + 1
+        pending.waiters.append((event.id, future))
+        if pending.timer is None:
+            pending.timer = asyncio.get_running_loop().call_later(
+                self.linger_s, self._flush, topic, partition
+            )
+
+    def _flush(self, topic: str, partition: int) -> None:
+        pending = self._pending.pop((topic, partition), None)
+        if pending is None or not pending.payloads:
+            return
+        if pending.timer is not None:
+            pending.timer.cancel()
+        key = next(iter(pending.subjects)).encode() if len(pending.subjects) == 1 else None
+        value = envelope.encode_raw(pending.payloads)
+        self.stats.envelopes += 1
+        self.stats.events += len(pending.payloads)
+        self.stats.envelope_sizes.append(len(pending.payloads))
+        if len(self.stats.envelope_sizes) > 10_000:
+            del self.stats.envelope_sizes[:5_000]
+        task = asyncio.ensure_future(self._send(topic, partition, key, value))
+        task.add_done_callback(lambda t: self._settle(t, topic, pending.waiters))
+
+    async def _send(self, topic: str, partition: int, key: bytes | None, value: bytes) -> Published:
+        sent = await self.producer.send(
+            topic, value=value, key=key, partition=partition, headers=envelope.headers()
+        )
+        metadata = await sent
+        return Published(metadata.topic, metadata.partition, metadata.offset)
+
+    def _settle(
+        self,
+        task: asyncio.Future[Published],
+        topic: str,
+        waiters: list[tuple[str, asyncio.Future[Published]]],
+    ) -> None:
+        error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+        for event_id, future in waiters:
+            self._in_flight.pop(event_id, None)
+            if future.done():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                published = task.result()
+                self.dedupe.add(event_id, published)
+                future.set_result(published)
+        if error is not None:
+            # nobody may be awaiting any more (timed out): mark the exception as retrieved
+            for _, future in waiters:
+                if future.done() and not future.cancelled():
+                    future.exception()
+
+    async def flush_all(self) -> None:
+        """Send every waiting envelope now (used at shutdown)."""
+        for topic, partition in list(self._pending):
+            self._flush(topic, partition)

@@ -16,3 +16,4 @@ class IngestSettings(ServiceSettings):
     publish_timeout_s: float = Field(
         default=10.0, gt=0, description="Give up (503) if Kafka has not acknowledged by then"
     )
+    retry_after_s: int = Field(default=2, ge=1, description="Retry-After of a 503")
