@@ -46,7 +46,7 @@ async def test_events_are_counted_per_account(
     scoring_service: RunningService,
 ) -> None:
     plan = {"acct_a1": 5, "acct_b2": 3, "acct_c3": 1}
-    async with httpx.AsyncClient(base_url=ingest_service.url) as client:
+    async with httpx.AsyncClient(base_url=ingest_service.url, auth=ingest_service.auth) as client:
         for account, n in plan.items():
             for i in range(n):
                 r = await client.post(
@@ -79,7 +79,7 @@ async def test_malformed_record_goes_to_dead_letters_and_the_agent_goes_on(
     assert headers["churnguard.dlq.original-offset"] == str(bad.offset).encode()
     assert headers["churnguard.dlq.reason"].startswith(b"record value is not JSON")
 
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(auth=ingest_service.auth) as client:
         r = await client.post(
             f"{ingest_service.url}/v1/events/usage", json=usage_event("acct_after", "after-1")
         )

@@ -36,6 +36,15 @@ app.add_typer(db, name="db")
 model = typer.Typer(help="Churn models: baselines and (later) training.", no_args_is_help=True)
 app.add_typer(model, name="model")
 
+
+def _register_service_commands() -> None:
+    from churnguard.ingest.keys_cli import keys
+
+    app.add_typer(keys, name="keys", help="Write keys of ingest's sources (hashed in PostgreSQL).")
+
+
+_register_service_commands()
+
 console = Console()
 err = Console(stderr=True)
 

@@ -1,31 +1,55 @@
 """The ingest HTTP application.
 
 Every endpoint that accepts events answers 2xx only after Kafka acknowledged them
-(acks=all); when Kafka does not answer in time the caller gets 503 and should retry
-with the same event ids, which are the idempotency keys downstream.
+(acks=all); when Kafka does not answer in time the caller gets 503 with ``Retry-After``
+and should retry with the same event ids, which are the idempotency keys downstream.
+Every event endpoint needs a source's write key (HTTP Basic with the key as user name, as
+Segment's libraries send it, or ``Bearer``); without one it answers 401 and publishes
+nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Response, status
+import orjson
+from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.responses import ORJSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy import text
 
 from churnguard.common import metrics
-from churnguard.common.events.usage import UsageEvent
+from churnguard.common.db import create_engine, session_factory
+from churnguard.common.envelope import describe_validation_error
+from churnguard.common.events.base import CloudEvent
 from churnguard.common.kafka import make_producer
 from churnguard.common.logs import bind_event
 from churnguard.common.topics import Topic
-from churnguard.ingest.publisher import EnvelopePublisher, PublishFailed
+from churnguard.ingest.limits import RequestBodyLimits
+from churnguard.ingest.publisher import EnvelopePublisher, Published, PublishFailed
 from churnguard.ingest.settings import IngestSettings
+from churnguard.ingest.sources import Source, Unauthorized, WriteKeyAuthenticator
 
 log = logging.getLogger(__name__)
+
+NATIVE_TOPICS = {"usage": Topic.USAGE, "billing": Topic.BILLING, "feedback": Topic.FEEDBACK}
+SINGLE_EVENT_LIMIT = 32 * 1024
+BATCH_LIMIT = 500 * 1024
+DEFAULT_LIMIT = 1024 * 1024
+
+
+def body_limit(path: str) -> int:
+    """Segment's documented limits: 32 KB per event, 500 KB per batch."""
+    if path.endswith("/batch") or path == "/v1/b":
+        return BATCH_LIMIT
+    if path.startswith("/v1/webhooks/"):
+        return DEFAULT_LIMIT
+    return SINGLE_EVENT_LIMIT
 
 
 class Accepted(BaseModel):
@@ -33,6 +57,41 @@ class Accepted(BaseModel):
     topic: str
     partition: int
     offset: int
+    duplicate: bool = Field(
+        default=False, description="Already published within the dedupe window: not produced again"
+    )
+
+
+class Rejection(BaseModel):
+    index: int
+    field: str
+    reason: str
+
+
+class BatchAccepted(BaseModel):
+    accepted: list[Accepted]
+    rejected: list[Rejection]
+
+
+class Batch(BaseModel):
+    events: list[dict[str, Any]] = Field(max_length=10_000)
+
+
+async def source(request: Request) -> Source:
+    """The source whose write key authenticates the request, or 401."""
+    authenticator: WriteKeyAuthenticator = request.app.state.authenticator
+    try:
+        return await authenticator.authenticate(request.headers.get("authorization"))
+    except Unauthorized as exc:
+        metrics.INGEST_REJECTED.labels(request.url.path, "unauthorized").inc()
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            exc.reason,
+            headers={"WWW-Authenticate": exc.www_authenticate},
+        ) from None
+
+
+Authenticated = Annotated[Source, Depends(source)]
 
 
 def create_app(settings: IngestSettings | None = None) -> FastAPI:
@@ -46,9 +105,18 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
             client_id="churnguard-ingest",
             idempotent=platform.kafka_idempotent_producer,
         )
+        engine = create_engine(
+            platform.database_url.get_secret_value(),
+            schema=settings.db_schema,
+            application_name="churnguard-ingest",
+        )
         await producer.start()
+        app.state.engine = engine
         app.state.publisher = EnvelopePublisher(
             producer, platform.topic_prefix, settings.publish_timeout_s
+        )
+        app.state.authenticator = WriteKeyAuthenticator(
+            session_factory(engine), settings.auth_cache_ttl_s
         )
         log.info(
             "ingest ready",
@@ -59,60 +127,155 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         finally:
             await app.state.publisher.flush_all()
             await producer.stop()
+            await engine.dispose()
 
     app = FastAPI(
         title="churnguard ingest",
         version="0.1.0",
         description="Accepts product, billing and feedback events and publishes them to Kafka. "
-        "A 2xx means Kafka acknowledged the event (acks=all).",
+        "A 2xx means Kafka acknowledged the event (acks=all); a 503 means retry later with the "
+        "same ids. Authenticate with a source's write key: HTTP Basic with the key as user "
+        "name (as Segment libraries do) or `Authorization: Bearer <key>`.",
         default_response_class=ORJSONResponse,
         lifespan=lifespan,
     )
+    app.add_middleware(RequestBodyLimits, limit_for=body_limit)
 
-    @app.post(
-        "/v1/events/usage",
-        status_code=status.HTTP_202_ACCEPTED,
-        response_model=Accepted,
-        summary="Publish one usage event (native CloudEvents JSON)",
-        responses={
-            422: {"description": "Invalid event; the error names the field"},
-            503: {"description": "Kafka did not acknowledge; retry with the same id"},
-        },
-    )
-    async def publish_usage(event: UsageEvent) -> Accepted:
+    async def publish(topic: Topic, events: Sequence[CloudEvent]) -> list[Published]:
         started = time.perf_counter()
         publisher: EnvelopePublisher = app.state.publisher
-        with bind_event(event.id, event.subject):
-            try:
-                (published,) = await publisher.publish(Topic.USAGE, [event])
-            except PublishFailed as exc:
-                log.error("publish failed: %s", exc)
-                raise HTTPException(
-                    status.HTTP_503_SERVICE_UNAVAILABLE,
-                    str(exc),
-                    headers={"Retry-After": str(settings.retry_after_s)},
-                ) from exc
-        metrics.INGEST_EVENTS.labels(Topic.USAGE.topic, event.type).inc()
-        metrics.INGEST_PUBLISH_SECONDS.labels(Topic.USAGE.topic).observe(
-            time.perf_counter() - started
-        )
+        try:
+            published = await publisher.publish(topic, events)
+        except PublishFailed as exc:
+            log.error("publish failed: %s", exc, extra={"topic": topic.topic})
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                str(exc),
+                headers={"Retry-After": str(settings.retry_after_s)},
+            ) from exc
+        for event in events:
+            metrics.INGEST_EVENTS.labels(topic.topic, event.type).inc()
+        metrics.INGEST_PUBLISH_SECONDS.labels(topic.topic).observe(time.perf_counter() - started)
+        return published
+
+    def accepted(event: CloudEvent, published: Published) -> Accepted:
         return Accepted(
             id=event.id,
             topic=published.topic,
             partition=published.partition,
             offset=published.offset,
+            duplicate=published.duplicate,
         )
+
+    def single_endpoint(topic: Topic) -> Callable[..., Awaitable[Accepted]]:
+        async def publish_one(event: Any, src: Authenticated) -> Accepted:
+            with bind_event(event.id, event.subject):
+                (published,) = await publish(topic, [event])
+            return accepted(event, published)
+
+        # FastAPI reads the body model from the annotation: one topic's union per route
+        publish_one.__annotations__["event"] = topic.spec.value
+        return publish_one
+
+    def batch_endpoint(topic: Topic) -> Callable[..., Awaitable[BatchAccepted]]:
+        async def publish_batch(request: Request, src: Authenticated) -> BatchAccepted:
+            try:
+                body = Batch.model_validate(orjson.loads(await request.body()))
+            except (orjson.JSONDecodeError, ValidationError) as exc:
+                reason = (
+                    describe_validation_error(exc)
+                    if isinstance(exc, ValidationError)
+                    else f"not JSON: {exc}"
+                )
+                raise HTTPException(status.HTTP_400_BAD_REQUEST, f"body: {reason}") from None
+            good: list[CloudEvent] = []
+            rejected: list[Rejection] = []
+            for index, item in enumerate(body.events):
+                try:
+                    good.append(topic.adapter.validate_python(item))
+                except ValidationError as exc:
+                    first = exc.errors()[0]
+                    loc = [str(p) for p in first["loc"] if not str(p).startswith("churnguard.")]
+                    rejected.append(
+                        Rejection(
+                            index=index, field=".".join(loc) or "(event)", reason=first["msg"]
+                        )
+                    )
+            for _ in rejected:
+                metrics.INGEST_REJECTED.labels(request.url.path, "invalid").inc()
+            if not good:
+                raise HTTPException(
+                    status.HTTP_422_UNPROCESSABLE_ENTITY,
+                    [r.model_dump() for r in rejected] or "no events",
+                )
+            published = await publish(topic, good)
+            return BatchAccepted(
+                accepted=[accepted(e, p) for e, p in zip(good, published, strict=True)],
+                rejected=rejected,
+            )
+
+        return publish_batch
+
+    for area, topic in NATIVE_TOPICS.items():
+        app.post(
+            f"/v1/events/{area}",
+            status_code=status.HTTP_202_ACCEPTED,
+            response_model=Accepted,
+            summary=f"Publish one {area} event (native CloudEvents JSON)",
+            tags=["native"],
+            responses={
+                401: {"description": "No, unknown or revoked write key"},
+                413: {"description": "Larger than 32 KB"},
+                422: {"description": "Invalid event; the error names the field"},
+                503: {"description": "Kafka did not acknowledge; retry with the same id"},
+            },
+        )(single_endpoint(topic))
+        app.post(
+            f"/v1/events/{area}/batch",
+            status_code=status.HTTP_202_ACCEPTED,
+            response_model=BatchAccepted,
+            summary=f"Publish {area} events: valid ones are accepted, each invalid one reported",
+            tags=["native"],
+            openapi_extra={
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["events"],
+                                "properties": {"events": {"type": "array", "maxItems": 10_000}},
+                            }
+                        }
+                    },
+                }
+            },
+        )(batch_endpoint(topic))
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz", include_in_schema=False)
-    async def readyz() -> dict[str, str]:
+    async def readyz() -> Response:
+        """Ready when Kafka and PostgreSQL both answer."""
+        problems = []
         publisher: EnvelopePublisher | None = getattr(app.state, "publisher", None)
         if publisher is None:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "producer not started")
-        return {"status": "ready"}
+            problems.append("producer not started")
+        else:
+            try:
+                await publisher.producer.client.fetch_all_metadata()
+            except Exception as exc:
+                problems.append(f"kafka: {type(exc).__name__}")
+        try:
+            async with app.state.engine.connect() as conn:
+                await conn.execute(text("select 1"))
+        except Exception as exc:
+            problems.append(f"postgres: {type(exc).__name__}")
+        if problems:
+            return ORJSONResponse({"status": "not ready", "problems": problems}, status_code=503)
+        return ORJSONResponse({"status": "ready"})
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

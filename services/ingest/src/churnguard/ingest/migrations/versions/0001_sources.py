@@ -6,7 +6,7 @@ Create Date: 2026-11-23
 
 A source is one sender of events (a website, a backend, a CRM export). It authenticates
 with a write key; only a hash of the key is stored (a leaked table must not leak working
-keys), plus its first 8 characters so the console can show which key is which.
+keys), plus its first 12 characters so the console can show which key is which.
 """
 
 from collections.abc import Sequence

@@ -1,0 +1,589 @@
+"""The Segment HTTP Tracking API, mapped onto churnguard usage CloudEvents (pure, no I/O).
+
+Ingest accepts what an unmodified Segment (or RudderStack) client sends: ``POST /v1/batch``
+(alias ``/v1/b``) with ``{"batch": [message, ...], "sentAt": ..., "context": ...}`` and the
+single-call endpoints ``/v1/track``, ``/v1/identify``, ``/v1/group``, ``/v1/page``,
+``/v1/screen``, ``/v1/alias`` whose body is one message (its ``type`` implied by the path).
+The wire contract of the simulator's producer is the module docstring of
+``churnguard.simulator.http_sink``; this module is its inverse.
+
+Request handling, in order (the HTTP layer does the I/O, this module everything else):
+
+1. :func:`decode_body` undoes ``Content-Encoding: gzip`` (bounded, so a gzip bomb stops at
+   the limit).
+2. :func:`parse_batch` / :func:`parse_single` check Segment's size limits
+   (:data:`MAX_BATCH_BYTES` per batch request, :data:`MAX_EVENT_BYTES` per message; over
+   the limit raises :class:`PayloadTooLarge`, HTTP 413) and the JSON structure (else
+   :class:`SegmentError`, HTTP 400). Segment's libraries never send a message over 32 KB
+   (they drop it client-side), so one in a batch means a broken client: the request is
+   refused naming the message.
+3. :func:`map_batch` maps every message with :func:`to_cloudevent`; a message that does not
+   map is reported as a :class:`Rejection` (index, field path, reason) while the valid
+   ones are accepted.
+
+Mapping (Segment message → CloudEvent ``type``, ``churnguard.`` omitted)
+=======================================================================
+
+* ``track`` with ``event == "Feature Used"``, a ``userId``, and ``properties`` holding
+  ``feature`` and at most ``count`` besides → ``usage.feature_used``: ``user_id`` = userId,
+  ``feature`` = properties.feature, ``count`` = properties.count (default 1). An invalid
+  feature key or count is rejected (``properties.feature`` / ``properties.count``).
+* any other ``track`` → ``usage.track``: ``user_id`` = userId, ``anonymous_id`` =
+  anonymousId, ``event``, ``properties``.
+* ``page`` → ``usage.track`` with ``event`` "Page Viewed" and ``properties`` = the call's
+  properties, plus the call's ``name`` and ``category``, plus ``url``, ``path``,
+  ``title``, ``referrer``, ``search`` from ``context.page`` where properties lack them
+  (analytics.js puts them in both).
+* ``screen`` → ``usage.track`` with ``event`` "Screen Viewed" and ``properties`` plus
+  ``name`` and ``category``.
+* ``identify`` → ``usage.identify``: ``user_id`` = userId (required), ``traits``.
+* ``group`` → ``usage.group``: ``user_id`` = userId (required), ``traits``; the account
+  is the call's ``groupId``.
+* ``alias`` → rejected (churnguard does not merge user identities); any other ``type``
+  → rejected.
+
+Segment's rule that ``track``, ``page`` and ``screen`` need ``userId`` or
+``anonymousId`` is enforced (field ``userId``).
+
+Context attributes, for every message:
+
+* ``id`` = ``messageId`` (required: the idempotency key end to end; every Segment library
+  sends one). A number is taken as its decimal string, as analytics-python does.
+* ``subject`` (the account) = ``context.groupId``; for ``group`` the call's ``groupId``
+  (a ``context.groupId`` that differs from it is rejected: which account is meant?);
+  otherwise ``resolve_account(userId, anonymousId)``: the caller remembers users'
+  accounts from earlier ``group`` calls, and :func:`map_batch` also learns from the
+  ``group`` calls earlier in the same batch. Without any: rejected with
+  :data:`NO_ACCOUNT`.
+* ``time``: ``timestamp``, else ``originalTimestamp`` (RudderStack), else ``received_at``.
+  When the message (or its batch) carries ``sentAt``, Segment's clock-skew correction
+  applies, as its spec documents it: ``timestamp = receivedAt - (sentAt -
+  originalTimestamp)``, the client's ``timestamp`` being Segment's ``originalTimestamp``.
+  A time without a zone is read as UTC.
+* ``source`` = the caller's (e.g. ``/ingest/segment``).
+
+Batch-level ``sentAt`` and ``context`` apply to every message of the batch (a message's
+own keys win), as in Segment's batch API. ``userId``/``anonymousId`` that are null or ``""``
+count as absent (analytics-python sends nulls); numbers become strings.
+
+What is lost
+============
+
+* Everything of ``context`` but ``groupId`` (and ``page`` for page calls), ``integrations``,
+  ``sentAt``, ``receivedAt``, ``writeKey``, and ``anonymousId`` on identify, group and
+  Feature Used calls: the CloudEvent data models have no place for them.
+* ``time`` after skew correction is the corrected time, so it moves by the request's
+  transit time plus the client's clock error (milliseconds for a server-side client).
+* Round trip of the simulator's ``to_segment``: exact (id, type, subject, time, data) except
+  a ``usage.track`` with neither ``user_id`` nor ``anonymous_id``, which comes back with
+  ``anonymous_id = "account:<account>"`` (the sender's placeholder, kept as sent), and a
+  ``usage.track`` named "Feature Used" whose properties are just a feature key and count,
+  which comes back as ``usage.feature_used`` (the two are the same on the wire).
+* A "Feature Used" track that also carries other properties, or no userId, stays a plain
+  ``usage.track`` (nothing dropped, but scoring does not count it as feature use).
+* Integers beyond 64 bits anywhere in a body make it invalid JSON here (orjson's limit).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+from pydantic import ValidationError
+
+from churnguard.common.events.base import CloudEvent
+from churnguard.common.events.usage import FeatureUsed, Group, Identify, Track
+
+MAX_EVENT_BYTES: Final = 32 * 1024
+"""Segment's limit per message (a single-call request body, or one message of a batch)."""
+MAX_BATCH_BYTES: Final = 500 * 1024
+"""Segment's limit per batch request (uncompressed body)."""
+
+FEATURE_USED_EVENT: Final = "Feature Used"
+PAGE_VIEWED_EVENT: Final = "Page Viewed"
+SCREEN_VIEWED_EVENT: Final = "Screen Viewed"
+SINGLE_CALLS: Final = frozenset({"track", "identify", "group", "page", "screen", "alias"})
+"""Call types that have their own endpoint, ``POST /v1/<type>``."""
+NO_ACCOUNT: Final = "no account: set context.groupId or send a group call for this user first"
+_PAGE_CONTEXT_KEYS: Final = ("path", "referrer", "search", "title", "url")
+
+AccountResolver = Callable[[str | None, str | None], str | None]
+"""``(userId, anonymousId) -> account id or None``: accounts learnt from earlier group calls."""
+SegmentEvent = Track | Identify | Group | FeatureUsed
+
+
+class SegmentError(ValueError):
+    """A request or message that does not follow the Segment spec (HTTP 400).
+
+    ``index`` is the message's position in the batch (None for the request itself or a
+    single call); ``field`` is the path in Segment's terms, e.g.
+    ``batch[3].context.groupId`` (``context.groupId`` for a single call).
+    """
+
+    status: int = 400
+
+    def __init__(self, reason: str, index: int | None = None, field: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.index = index
+        self.field = field
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.reason}" if self.field else self.reason
+
+
+class PayloadTooLarge(SegmentError):
+    """Over one of Segment's size limits (HTTP 413)."""
+
+    status = 413
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One message of a batch that was not accepted."""
+
+    index: int
+    field: str | None
+    reason: str
+
+
+@dataclass
+class BatchResult:
+    accepted: list[CloudEvent] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+# -- requests -------------------------------------------------------------------------------
+
+
+def _path(index: int | None, name: str | None) -> str | None:
+    """The Segment field path of ``name`` in message ``index`` (None: a single call)."""
+    if index is None:
+        return name
+    return f"batch[{index}]" if not name else f"batch[{index}].{name}"
+
+
+def check_batch_size(body: bytes) -> None:
+    """:class:`PayloadTooLarge` when a batch request's (uncompressed) body is over 500 KB."""
+    if len(body) > MAX_BATCH_BYTES:
+        raise PayloadTooLarge(
+            f"batch request of {len(body)} bytes exceeds Segment's limit of {MAX_BATCH_BYTES}"
+        )
+
+
+def check_event_size(message: bytes | Mapping[str, Any], *, index: int | None = None) -> None:
+    """:class:`PayloadTooLarge` when one message is over 32 KB.
+
+    ``bytes`` are measured as sent (a single call's body); a parsed message as its compact
+    JSON (what a batch message is at least on the wire).
+    """
+    size = len(message) if isinstance(message, bytes) else len(orjson.dumps(message))
+    if size > MAX_EVENT_BYTES:
+        raise PayloadTooLarge(
+            f"message of {size} bytes exceeds Segment's limit of {MAX_EVENT_BYTES}",
+            index=index,
+            field=_path(index, None),
+        )
+
+
+def decode_body(
+    body: bytes, content_encoding: str | None, *, limit: int = MAX_BATCH_BYTES
+) -> bytes:
+    """The body without its ``Content-Encoding`` (none or ``gzip``, as Segment accepts).
+
+    Decompression stops past ``limit`` bytes with :class:`PayloadTooLarge`; a bad or
+    truncated gzip stream or another encoding is a :class:`SegmentError`.
+    """
+    encoding = (content_encoding or "").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip"):
+        raise SegmentError(f"unsupported Content-Encoding {content_encoding!r} (use gzip)")
+    out = bytearray()
+    rest = body
+    try:
+        while rest:
+            inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            out += inflater.decompress(rest, limit + 1 - len(out))
+            if len(out) > limit or inflater.unconsumed_tail:
+                raise PayloadTooLarge(f"decompressed body exceeds {limit} bytes")
+            if not inflater.eof:
+                raise SegmentError("truncated gzip body")
+            rest = inflater.unused_data  # a further gzip member, if any
+    except zlib.error as exc:
+        raise SegmentError(f"body is not valid gzip: {exc}") from exc
+    return bytes(out)
+
+
+def _load_object(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise SegmentError(f"{what} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise SegmentError(f"{what} must be a JSON object, not {_json_type(value)}")
+    return value
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def parse_batch(body: bytes) -> list[dict[str, Any]]:
+    """The messages of a ``/v1/batch`` body, each with the batch's ``sentAt`` and ``context``.
+
+    Raises :class:`PayloadTooLarge` for a body over 500 KB or a message over 32 KB (measured
+    before the batch's fields are added), :class:`SegmentError` when the body is not a
+    JSON object whose ``batch`` is an array of objects.
+    """
+    check_batch_size(body)
+    envelope = _load_object(body, "body")
+    if "batch" not in envelope:
+        raise SegmentError("missing 'batch': a batch request is {\"batch\": [...]}", field="batch")
+    batch = envelope["batch"]
+    if not isinstance(batch, list):
+        raise SegmentError(
+            f"'batch' must be an array of messages, not {_json_type(batch)}", field="batch"
+        )
+    context = envelope.get("context")
+    if context is not None and not isinstance(context, dict):
+        raise SegmentError(f"must be an object, not {_json_type(context)}", field="context")
+    sent_at = envelope.get("sentAt")
+    messages: list[dict[str, Any]] = []
+    for i, message in enumerate(batch):
+        if not isinstance(message, dict):
+            raise SegmentError(
+                f"a message must be a JSON object, not {_json_type(message)}",
+                index=i,
+                field=_path(i, None),
+            )
+        check_event_size(message, index=i)
+        merged = dict(message)
+        if sent_at is not None and merged.get("sentAt") is None:
+            merged["sentAt"] = sent_at
+        if context:
+            own = merged.get("context")
+            if own is None:
+                merged["context"] = dict(context)
+            elif isinstance(own, dict):
+                merged["context"] = {**context, **own}
+            # else: left as is, for to_cloudevent to reject
+        messages.append(merged)
+    return messages
+
+
+def parse_single(kind: str, body: bytes) -> dict[str, Any]:
+    """The message of a single-call endpoint ``/v1/<kind>``; its ``type`` is ``kind``.
+
+    A body over 32 KB is :class:`PayloadTooLarge`; a body that is not a JSON object, or
+    whose ``type`` names another call, is a :class:`SegmentError`.
+    """
+    if kind not in SINGLE_CALLS:
+        raise SegmentError(f"unknown call {kind!r}: expected one of {sorted(SINGLE_CALLS)}")
+    check_event_size(body)
+    message = _load_object(body, "body")
+    type_ = message.get("type")
+    if type_ is None:
+        message["type"] = kind
+    elif type_ != kind:
+        raise SegmentError(f"type {type_!r} does not match the endpoint /v1/{kind}", field="type")
+    return message
+
+
+# -- messages -------------------------------------------------------------------------------
+
+
+def _parse_time(value: object, name: str, index: int | None) -> datetime:
+    if not isinstance(value, str):
+        raise SegmentError(
+            f"must be an ISO-8601 date string, not {_json_type(value)}",
+            index=index,
+            field=_path(index, name),
+        )
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise SegmentError(
+            f"not an ISO-8601 date: {value[:64]!r}", index=index, field=_path(index, name)
+        ) from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def event_time(message: Mapping[str, Any], received_at: datetime, index: int | None) -> datetime:
+    """When the message happened: its timestamp, corrected for clock skew when ``sentAt`` is
+    given (``receivedAt - (sentAt - originalTimestamp)``, Segment's formula)."""
+    if received_at.tzinfo is None:
+        received_at = received_at.replace(tzinfo=UTC)
+    for name in ("timestamp", "originalTimestamp"):
+        if message.get(name) is not None:
+            original = _parse_time(message[name], name, index)
+            break
+    else:
+        return received_at
+    if message.get("sentAt") is None:
+        return original
+    sent_at = _parse_time(message["sentAt"], "sentAt", index)
+    return received_at - (sent_at - original)
+
+
+def _id(message: Mapping[str, Any], name: str, index: int | None) -> str | None:
+    """An id field as a string: null and "" are absent, numbers are their decimal string."""
+    value = message.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise SegmentError(
+        f"must be a string, not {_json_type(value)}", index=index, field=_path(index, name)
+    )
+
+
+def _object(
+    message: Mapping[str, Any], name: str, index: int | None, *, prefix: str = ""
+) -> dict[str, Any]:
+    value = message.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SegmentError(
+            f"must be an object, not {_json_type(value)}",
+            index=index,
+            field=_path(index, prefix + name),
+        )
+    return value
+
+
+_DATA_FIELDS: Final[dict[str, dict[str, str]]] = {
+    Track.model_fields["type"].default: {
+        "user_id": "userId",
+        "anonymous_id": "anonymousId",
+        "event": "event",
+        "properties": "properties",
+    },
+    FeatureUsed.model_fields["type"].default: {
+        "user_id": "userId",
+        "feature": "properties.feature",
+        "count": "properties.count",
+    },
+    Identify.model_fields["type"].default: {"user_id": "userId", "traits": "traits"},
+    Group.model_fields["type"].default: {"user_id": "userId", "traits": "traits"},
+}
+
+
+def _segment_field(loc: tuple[int | str, ...], event_type: str, account_field: str) -> str | None:
+    """The Segment field a pydantic error location of the CloudEvent came from."""
+    if not loc:
+        return None
+    head, rest = str(loc[0]), loc[1:]
+    if head == "data" and rest:
+        base = _DATA_FIELDS.get(event_type, {}).get(str(rest[0]), str(rest[0]))
+        rest = rest[1:]
+    else:
+        base = {"id": "messageId", "time": "timestamp", "subject": account_field}.get(head, head)
+    for part in rest:
+        base += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return base
+
+
+def _build(
+    model: type[SegmentEvent],
+    fields: dict[str, Any],
+    *,
+    index: int | None,
+    account_field: str,
+) -> SegmentEvent:
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        first = errors[0]
+        reason = first["msg"]
+        if len(errors) > 1:
+            reason += f" (and {len(errors) - 1} more error(s))"
+        event_type = model.model_fields["type"].default
+        name = _segment_field(tuple(first["loc"]), event_type, account_field)
+        raise SegmentError(reason, index=index, field=_path(index, name)) from None
+
+
+def to_cloudevent(
+    message: Mapping[str, Any],
+    *,
+    index: int | None,
+    source: str,
+    received_at: datetime,
+    resolve_account: AccountResolver,
+) -> SegmentEvent:
+    """The churnguard usage CloudEvent of one Segment message (mapping: module docstring).
+
+    ``index`` is the message's position in its batch (None for a single call): it prefixes
+    the field paths of errors, ``batch[<index>].``. Raises :class:`SegmentError` with the
+    reason and the Segment field when the message does not map.
+    """
+
+    def fail(reason: str, name: str | None) -> SegmentError:
+        return SegmentError(reason, index=index, field=_path(index, name))
+
+    if not isinstance(message, Mapping):
+        raise fail(f"a message must be a JSON object, not {_json_type(message)}", None)
+    kind = message.get("type")
+    if kind == "alias":
+        raise fail(
+            "alias is not supported: churnguard does not merge user identities; "
+            "send identify and group calls with the user's final userId",
+            "type",
+        )
+    if kind not in ("track", "page", "screen", "identify", "group"):
+        raise fail(
+            f"unsupported or missing type {kind!r}: expected track, identify, group, page "
+            "or screen",
+            "type",
+        )
+    message_id = _id(message, "messageId", index)
+    if message_id is None:
+        raise fail("messageId is required: it is the event's idempotency key", "messageId")
+    user_id = _id(message, "userId", index)
+    anonymous_id = _id(message, "anonymousId", index)
+    context = _object(message, "context", index)
+    try:
+        context_group = _id(context, "groupId", None)
+    except SegmentError as exc:
+        raise fail(exc.reason, "context.groupId") from None
+
+    account: str | None
+    if kind == "group":
+        account_field = "groupId"
+        account = _id(message, "groupId", index)
+        if account is None:
+            raise fail("a group call needs a groupId (the account)", "groupId")
+        if context_group is not None and context_group != account:
+            raise fail(
+                f"{context_group!r} differs from the group call's groupId {account!r}",
+                "context.groupId",
+            )
+    else:
+        account_field = "context.groupId"
+        account = context_group or resolve_account(user_id, anonymous_id)
+        if account is None:
+            raise fail(NO_ACCOUNT, "context.groupId")
+
+    time = event_time(message, received_at, index)
+    fields: dict[str, Any] = {"id": message_id, "source": source, "time": time, "subject": account}
+    model: type[SegmentEvent]
+    if kind in ("identify", "group"):
+        if user_id is None:
+            raise fail(
+                f"{kind} without userId is not supported: users are keyed by userId", "userId"
+            )
+        model = Identify if kind == "identify" else Group
+        fields["data"] = {"user_id": user_id, "traits": _object(message, "traits", index)}
+        return _build(model, fields, index=index, account_field=account_field)
+
+    if user_id is None and anonymous_id is None:
+        raise fail("userId or anonymousId is required", "userId")
+    properties = dict(_object(message, "properties", index))
+    event: object = message.get("event")
+    if kind in ("page", "screen"):
+        event = PAGE_VIEWED_EVENT if kind == "page" else SCREEN_VIEWED_EVENT
+        for name in ("name", "category"):
+            if message.get(name) is not None:
+                properties[name] = message[name]
+        if kind == "page":
+            page = _object(context, "page", index, prefix="context.")
+            for key in _PAGE_CONTEXT_KEYS:
+                if page.get(key) is not None and key not in properties:
+                    properties[key] = page[key]
+    elif (
+        event == FEATURE_USED_EVENT
+        and user_id is not None
+        and "feature" in properties
+        and properties.keys() <= {"feature", "count"}
+    ):
+        count = properties.get("count")
+        fields["data"] = {
+            "user_id": user_id,
+            "feature": properties["feature"],
+            "count": 1 if count is None else count,
+        }
+        return _build(FeatureUsed, fields, index=index, account_field=account_field)
+    data: dict[str, Any] = {"event": event, "properties": properties}
+    if user_id is not None:
+        data["user_id"] = user_id
+    if anonymous_id is not None:
+        data["anonymous_id"] = anonymous_id
+    fields["data"] = data
+    return _build(Track, fields, index=index, account_field=account_field)
+
+
+def map_batch(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    source: str,
+    received_at: datetime,
+    resolve_account: AccountResolver,
+) -> BatchResult:
+    """Map every message; the valid ones are accepted, each other one is a :class:`Rejection`.
+
+    A ``group`` call accepted earlier in the batch tells the account of its user to the
+    messages after it (before ``resolve_account`` is asked).
+    """
+    result = BatchResult()
+    learned: dict[str, str] = {}
+
+    def resolve(user_id: str | None, anonymous_id: str | None) -> str | None:
+        if user_id is not None and user_id in learned:
+            return learned[user_id]
+        return resolve_account(user_id, anonymous_id)
+
+    for i, message in enumerate(messages):
+        try:
+            event = to_cloudevent(
+                message, index=i, source=source, received_at=received_at, resolve_account=resolve
+            )
+        except SegmentError as exc:
+            result.rejected.append(Rejection(i, exc.field, exc.reason))
+            continue
+        if isinstance(event, Group):
+            learned[event.data.user_id] = event.subject
+        result.accepted.append(event)
+    return result
+
+
+__all__ = [
+    "FEATURE_USED_EVENT",
+    "MAX_BATCH_BYTES",
+    "MAX_EVENT_BYTES",
+    "NO_ACCOUNT",
+    "PAGE_VIEWED_EVENT",
+    "SCREEN_VIEWED_EVENT",
+    "SINGLE_CALLS",
+    "AccountResolver",
+    "BatchResult",
+    "PayloadTooLarge",
+    "Rejection",
+    "SegmentError",
+    "SegmentEvent",
+    "check_batch_size",
+    "check_event_size",
+    "decode_body",
+    "event_time",
+    "map_batch",
+    "parse_batch",
+    "parse_single",
+    "to_cloudevent",
+]
