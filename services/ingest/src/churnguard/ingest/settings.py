@@ -18,6 +18,8 @@ class IngestSettings(ServiceSettings):
     )
     db_schema: str = Field(default="ingest", description="PostgreSQL schema of ingest's tables")
     auth_cache_ttl_s: float = Field(
-        default=5.0, ge=0, description="How long a write key check is cached (a revoke takes effect within it)"
+        default=5.0,
+        ge=0,
+        description="How long a write key check is cached (a revoke takes effect within it)",
     )
     retry_after_s: int = Field(default=2, ge=1, description="Retry-After of a 503")
