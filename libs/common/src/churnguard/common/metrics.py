@@ -23,6 +23,21 @@ INGEST_REJECTED = Counter(
     "Requests or events rejected by ingest (4xx), by reason",
     ["endpoint", "reason"],
 )
+INGEST_WEBHOOKS_UNHANDLED = Counter(
+    "churnguard_ingest_webhooks_unhandled_total",
+    "Verified webhooks of a type churnguard does not book (acknowledged, not published)",
+    ["provider", "type"],
+)
+INGEST_DEDUPE_HITS = Counter(
+    "churnguard_ingest_dedupe_hits_total",
+    "Events whose id was already published within the dedupe window",
+    ["topic"],
+)
+INGEST_ENVELOPE_EVENTS = Histogram(
+    "churnguard_ingest_envelope_events",
+    "Events per envelope record produced by ingest",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+)
 INGEST_PUBLISH_SECONDS = Histogram(
     "churnguard_ingest_publish_seconds",
     "Time from request received to Kafka acknowledgement",

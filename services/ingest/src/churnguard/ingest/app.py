@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from http import HTTPStatus
 from typing import Annotated, Any
 
 import orjson
@@ -30,6 +33,7 @@ from churnguard.common.events.base import CloudEvent
 from churnguard.common.kafka import make_producer
 from churnguard.common.logs import bind_event
 from churnguard.common.topics import Topic
+from churnguard.ingest import segment, stripe_webhooks
 from churnguard.ingest.limits import RequestBodyLimits
 from churnguard.ingest.publisher import EnvelopePublisher, Published, PublishFailed
 from churnguard.ingest.settings import IngestSettings
@@ -71,6 +75,35 @@ class Rejection(BaseModel):
 class BatchAccepted(BaseModel):
     accepted: list[Accepted]
     rejected: list[Rejection]
+
+
+class SegmentAccepted(BaseModel):
+    success: bool = True
+    accepted: int
+    rejected: list[Rejection]
+
+
+class UserAccounts:
+    """Which account a user belongs to, learned from the events ingest accepted.
+
+    Lets a Segment ``track`` without ``context.groupId`` find its account after the user's
+    ``group`` call. Per process and bounded (least recently used forgotten first): a
+    message whose user this process has not seen is rejected with a reason that says to
+    send ``context.groupId``, which every churnguard-aware client should.
+    """
+
+    def __init__(self, max_users: int = 1_000_000) -> None:
+        self.max_users = max_users
+        self._accounts: OrderedDict[str, str] = OrderedDict()
+
+    def remember(self, user_id: str, account_id: str) -> None:
+        self._accounts[user_id] = account_id
+        self._accounts.move_to_end(user_id)
+        if len(self._accounts) > self.max_users:
+            self._accounts.popitem(last=False)
+
+    def resolve(self, user_id: str | None, anonymous_id: str | None) -> str | None:
+        return self._accounts.get(user_id) if user_id else None
 
 
 class Batch(BaseModel):
@@ -115,6 +148,7 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         app.state.publisher = EnvelopePublisher(
             producer, platform.topic_prefix, settings.publish_timeout_s
         )
+        app.state.user_accounts = UserAccounts()
         app.state.authenticator = WriteKeyAuthenticator(
             session_factory(engine), settings.auth_cache_ttl_s
         )
@@ -140,6 +174,16 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(RequestBodyLimits, limit_for=body_limit)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        # Segment's libraries read {"code", "message"} from an error; FastAPI clients "detail"
+        message = exc.detail if isinstance(exc.detail, str) else orjson.dumps(exc.detail).decode()
+        return ORJSONResponse(
+            {"detail": exc.detail, "code": HTTPStatus(exc.status_code).phrase, "message": message},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
 
     async def publish(topic: Topic, events: Sequence[CloudEvent]) -> list[Published]:
         started = time.perf_counter()
@@ -251,6 +295,118 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
                 }
             },
         )(batch_endpoint(topic))
+
+    # ---- Segment spec -------------------------------------------------------------------
+
+    def remember_accounts(events: Sequence[CloudEvent]) -> None:
+        users: UserAccounts = app.state.user_accounts
+        for event in events:
+            user = getattr(event.data, "user_id", None)
+            if user:
+                users.remember(user, event.subject)
+
+    async def segment_batch(request: Request, src: Authenticated) -> SegmentAccepted:
+        try:
+            messages = segment.parse_batch(await request.body())
+        except segment.SegmentError as exc:
+            metrics.INGEST_REJECTED.labels(request.url.path, "invalid").inc()
+            raise HTTPException(exc.status, str(exc)) from None
+        result = segment.map_batch(
+            messages,
+            source=f"/segment/{src.name}",
+            received_at=datetime.now(UTC),
+            resolve_account=app.state.user_accounts.resolve,
+        )
+        for _ in result.rejected:
+            metrics.INGEST_REJECTED.labels(request.url.path, "invalid").inc()
+        if result.accepted:
+            await publish(Topic.USAGE, result.accepted)
+            remember_accounts(result.accepted)
+        return SegmentAccepted(
+            accepted=len(result.accepted),
+            rejected=[
+                Rejection(index=r.index, field=r.field or "(message)", reason=r.reason)
+                for r in result.rejected
+            ],
+        )
+
+    for path in ("/v1/batch", "/v1/b", "/v1/import"):
+        app.post(
+            path,
+            response_model=SegmentAccepted,
+            summary="Segment batch: track, identify, group, page, screen messages",
+            tags=["segment"],
+            include_in_schema=path == "/v1/batch",
+        )(segment_batch)
+
+    def segment_single(kind: str) -> Callable[..., Awaitable[SegmentAccepted]]:
+        async def one(request: Request, src: Authenticated) -> SegmentAccepted:
+            try:
+                message = segment.parse_single(kind, await request.body())
+                event = segment.to_cloudevent(
+                    message,
+                    index=None,
+                    source=f"/segment/{src.name}",
+                    received_at=datetime.now(UTC),
+                    resolve_account=app.state.user_accounts.resolve,
+                )
+            except segment.SegmentError as exc:
+                metrics.INGEST_REJECTED.labels(request.url.path, "invalid").inc()
+                raise HTTPException(exc.status, str(exc)) from None
+            with bind_event(event.id, event.subject):
+                await publish(Topic.USAGE, [event])
+            remember_accounts([event])
+            return SegmentAccepted(accepted=1, rejected=[])
+
+        return one
+
+    for kind in ("track", "identify", "group", "page", "screen"):
+        app.post(
+            f"/v1/{kind}",
+            response_model=SegmentAccepted,
+            summary=f"Segment {kind} call",
+            tags=["segment"],
+        )(segment_single(kind))
+
+    # ---- Stripe-format webhooks ---------------------------------------------------------
+
+    @app.post(
+        "/v1/webhooks/stripe",
+        summary="Stripe-format webhook (authenticated by its Stripe-Signature, not a write key)",
+        tags=["webhooks"],
+        responses={
+            400: {"description": "Signed, but not a billing event churnguard can read"},
+            401: {"description": "Signature missing, wrong, or outside the tolerance"},
+        },
+    )
+    async def stripe_webhook(request: Request) -> dict[str, Any]:
+        payload = await request.body()
+        try:
+            stripe_webhooks.verify_signature(
+                payload,
+                request.headers.get("stripe-signature"),
+                settings.stripe_secrets,
+                tolerance_s=settings.stripe_tolerance_s,
+            )
+        except stripe_webhooks.SignatureError as exc:
+            metrics.INGEST_REJECTED.labels(request.url.path, "signature").inc()
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, exc.reason) from None
+        try:
+            mapped = stripe_webhooks.map_event(orjson.loads(payload))
+        except (orjson.JSONDecodeError, stripe_webhooks.MappingError) as exc:
+            metrics.INGEST_REJECTED.labels(request.url.path, "invalid").inc()
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+        if isinstance(mapped, stripe_webhooks.Unhandled):
+            metrics.INGEST_WEBHOOKS_UNHANDLED.labels("stripe", mapped.stripe_type).inc()
+            return {"received": True, "handled": False, "reason": mapped.reason}
+        with bind_event(mapped.id, mapped.account_id):
+            (published,) = await publish(Topic.BILLING, [mapped.event])
+        return {
+            "received": True,
+            "handled": True,
+            "id": mapped.id,
+            "duplicate": published.duplicate,
+        }
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

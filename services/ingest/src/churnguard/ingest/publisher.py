@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from churnguard.common import envelope
+from churnguard.common import envelope, metrics
 from churnguard.common.events.base import CloudEvent
 from churnguard.common.topics import Topic
 
@@ -97,7 +97,6 @@ class PublisherStats:
     envelopes: int = 0
     events: int = 0
     duplicates: int = 0
-    envelope_sizes: list[int] = field(default_factory=list)
 
 
 class EnvelopePublisher:
@@ -154,11 +153,13 @@ class EnvelopePublisher:
                 done: asyncio.Future[Published] = loop.create_future()
                 done.set_result(Published(seen.topic, seen.partition, seen.offset, duplicate=True))
                 self.stats.duplicates += 1
+                metrics.INGEST_DEDUPE_HITS.labels(topic.topic).inc()
                 results.append(done)
                 continue
             if (flying := self._in_flight.get(event.id)) is not None:
                 results.append(flying)  # the same id in flight: share its outcome
                 self.stats.duplicates += 1
+                metrics.INGEST_DEDUPE_HITS.labels(topic.topic).inc()
                 continue
             future: asyncio.Future[Published] = loop.create_future()
             self._in_flight[event.id] = future
@@ -207,9 +208,7 @@ class EnvelopePublisher:
         value = envelope.encode_raw(pending.payloads)
         self.stats.envelopes += 1
         self.stats.events += len(pending.payloads)
-        self.stats.envelope_sizes.append(len(pending.payloads))
-        if len(self.stats.envelope_sizes) > 10_000:
-            del self.stats.envelope_sizes[:5_000]
+        metrics.INGEST_ENVELOPE_EVENTS.observe(len(pending.payloads))
         task = asyncio.ensure_future(self._send(topic, partition, key, value))
         task.add_done_callback(lambda t: self._settle(t, topic, pending.waiters))
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from churnguard.common.settings import ServiceSettings
@@ -22,4 +22,14 @@ class IngestSettings(ServiceSettings):
         ge=0,
         description="How long a write key check is cached (a revoke takes effect within it)",
     )
+    stripe_webhook_secret: SecretStr = Field(
+        default=SecretStr("dev-stripe-webhook-secret"),
+        description="Stripe webhook signing secret(s); several, comma separated, during rotation",
+    )
+    stripe_tolerance_s: int = Field(default=300, ge=1, description="Max age of a webhook signature")
     retry_after_s: int = Field(default=2, ge=1, description="Retry-After of a 503")
+
+    @property
+    def stripe_secrets(self) -> list[str]:
+        raw = self.stripe_webhook_secret.get_secret_value()
+        return [part.strip() for part in raw.split(",") if part.strip()]
