@@ -35,7 +35,12 @@ from churnguard.common.logs import bind_event
 from churnguard.common.topics import Topic
 from churnguard.ingest import segment, stripe_webhooks
 from churnguard.ingest.limits import RequestBodyLimits
-from churnguard.ingest.publisher import EnvelopePublisher, Published, PublishFailed
+from churnguard.ingest.publisher import (
+    EnvelopePublisher,
+    InvalidEvent,
+    Published,
+    PublishFailed,
+)
 from churnguard.ingest.settings import IngestSettings
 from churnguard.ingest.sources import Source, Unauthorized, WriteKeyAuthenticator
 
@@ -190,6 +195,8 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         publisher: EnvelopePublisher = app.state.publisher
         try:
             published = await publisher.publish(topic, events)
+        except InvalidEvent as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
         except PublishFailed as exc:
             log.error("publish failed: %s", exc, extra={"topic": topic.topic})
             raise HTTPException(
@@ -319,16 +326,18 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         )
         for _ in result.rejected:
             metrics.INGEST_REJECTED.labels(request.url.path, "invalid").inc()
-        if result.accepted:
-            await publish(Topic.USAGE, result.accepted)
-            remember_accounts(result.accepted)
-        return SegmentAccepted(
-            accepted=len(result.accepted),
-            rejected=[
-                Rejection(index=r.index, field=r.field or "(message)", reason=r.reason)
-                for r in result.rejected
-            ],
-        )
+        rejected = [
+            Rejection(index=r.index, field=r.field or "(message)", reason=r.reason)
+            for r in result.rejected
+        ]
+        if not result.accepted:
+            raise HTTPException(
+                status.HTTP_400_BAD_REQUEST,
+                {"accepted": 0, "rejected": [r.model_dump() for r in rejected]},
+            )
+        await publish(Topic.USAGE, result.accepted)
+        remember_accounts(result.accepted)
+        return SegmentAccepted(accepted=len(result.accepted), rejected=rejected)
 
     for path in ("/v1/batch", "/v1/b", "/v1/import"):
         app.post(

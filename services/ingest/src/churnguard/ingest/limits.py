@@ -2,7 +2,8 @@
 
 A pure ASGI middleware: it reads the body in chunks and answers 413 as soon as it passes
 the limit for the path (the Content-Length is not trusted), gunzips
-``Content-Encoding: gzip`` bodies within the same limit (no decompression bombs), and hands
+``Content-Encoding: gzip`` bodies within the same limit (no decompression bombs, no
+truncated streams), refuses bodies that are not strict UTF-8, and hands
 the application a plain body, so typed FastAPI endpoints get the limits and gzip too.
 """
 
@@ -58,8 +59,16 @@ class RequestBodyLimits:
             if len(body) > limit or inflater.unconsumed_tail:
                 await _error(send, 413, f"decompressed request body is larger than {limit:,} bytes")
                 return
+            if not inflater.eof:
+                await _error(send, 400, "gzip body is truncated (no end of stream)")
+                return
         elif encoding not in (b"identity", b""):
             await _error(send, 415, f"Content-Encoding {encoding.decode()!r} is not supported")
+            return
+        try:
+            body.decode("utf-8")  # strict: no surrogates, no stray bytes
+        except UnicodeDecodeError as exc:
+            await _error(send, 400, f"body is not valid UTF-8 (byte {exc.start})")
             return
         plain = [(k, v) for k, v in headers if k not in (b"content-encoding", b"content-length")]
         plain.append((b"content-length", str(len(body)).encode()))

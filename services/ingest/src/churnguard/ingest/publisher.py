@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from pydantic_core import PydanticSerializationError
 
 from churnguard.common import envelope, metrics
 from churnguard.common.events.base import CloudEvent
@@ -35,6 +36,15 @@ from churnguard.common.topics import Topic
 
 class PublishFailed(RuntimeError):
     """Kafka did not acknowledge in time, or too much already waits: retry later."""
+
+
+class InvalidEvent(ValueError):
+    """An event that validated but cannot be written as JSON (e.g. a lone surrogate)."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"events[{index}]: {reason}")
+        self.index = index
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,14 @@ class EnvelopePublisher:
             raise PublishFailed(
                 f"{self._waiting} events already wait for Kafka (limit {self.max_pending_events})"
             )
+        # serialise first: an event that cannot be written must fail before anything is
+        # registered as in flight, or its id would wait for an acknowledgement forever
+        payloads = []
+        for index, event in enumerate(events):
+            try:
+                payloads.append(event.to_json())
+            except PydanticSerializationError as exc:
+                raise InvalidEvent(index, f"cannot be written as JSON: {exc}") from None
         name = topic.name_in(self.prefix)
         try:
             n = await asyncio.wait_for(self.partitions(name), self.timeout_s)
@@ -148,7 +166,7 @@ class EnvelopePublisher:
             raise PublishFailed(f"no metadata for {name} from Kafka: {exc!r}") from exc
         results: list[asyncio.Future[Published]] = []
         loop = asyncio.get_running_loop()
-        for event in events:
+        for event, payload in zip(events, payloads, strict=True):
             if (seen := self.dedupe.get(event.id)) is not None:
                 done: asyncio.Future[Published] = loop.create_future()
                 done.set_result(Published(seen.topic, seen.partition, seen.offset, duplicate=True))
@@ -163,7 +181,7 @@ class EnvelopePublisher:
                 continue
             future: asyncio.Future[Published] = loop.create_future()
             self._in_flight[event.id] = future
-            self._enqueue(name, envelope.partition_for(event.subject, n), event, future)
+            self._enqueue(name, envelope.partition_for(event.subject, n), event, payload, future)
             results.append(future)
         self._waiting += len(events)
         try:
@@ -179,9 +197,13 @@ class EnvelopePublisher:
             self._waiting -= len(events)
 
     def _enqueue(
-        self, topic: str, partition: int, event: CloudEvent, future: asyncio.Future[Published]
+        self,
+        topic: str,
+        partition: int,
+        event: CloudEvent,
+        payload: bytes,
+        future: asyncio.Future[Published],
     ) -> None:
-        payload = event.to_json()
         pending = self._pending[(topic, partition)]
         if pending.payloads and (
             len(pending.payloads) >= self.max_envelope_events

@@ -332,7 +332,7 @@ def _key_from_header(header: str | None) -> str:
 def _key_from_basic(credentials: str) -> str:
     try:
         decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, ValueError):  # ValueError: non-ASCII input; UnicodeDecodeError is one
         raise Unauthorized(
             "malformed Authorization header: Basic credentials are not base64 of UTF-8"
         ) from None
