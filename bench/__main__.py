@@ -11,6 +11,7 @@ BENCHMARKS = {
     "broker": "bench.broker",
     "envelope": "bench.envelope",
     "simulate": "bench.simulate",
+    "ingest": "bench.ingest",
 }
 
 

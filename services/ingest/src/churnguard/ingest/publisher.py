@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -54,6 +55,12 @@ class Published:
     offset: int
     duplicate: bool = False
     """The id was already published within the dedupe window; nothing was produced now."""
+
+
+@lru_cache(maxsize=200_000)
+def _partition_of(account_id: str, partitions: int) -> int:
+    # murmur2 is pure Python in aiokafka (~10 us); accounts repeat, so remember them
+    return envelope.partition_for(account_id, partitions)
 
 
 class DedupeWindow:
@@ -98,7 +105,7 @@ class _Pending:
     payloads: list[bytes] = field(default_factory=list)
     subjects: set[str] = field(default_factory=set)
     size: int = 0
-    waiters: list[tuple[str, asyncio.Future[Published]]] = field(default_factory=list)
+    waiters: list[tuple[list[str], asyncio.Future[Published]]] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
 
 
@@ -164,29 +171,41 @@ class EnvelopePublisher:
             n = await asyncio.wait_for(self.partitions(name), self.timeout_s)
         except (TimeoutError, KafkaError) as exc:
             raise PublishFailed(f"no metadata for {name} from Kafka: {exc!r}") from exc
-        results: list[asyncio.Future[Published]] = []
-        loop = asyncio.get_running_loop()
-        for event, payload in zip(events, payloads, strict=True):
+        # one future per chunk of this request's events bound for one envelope, not per
+        # event: per-event futures cost more than the rest of publishing together
+        outcome: list[Published | asyncio.Future[Published]] = []
+        by_partition: dict[int, list[int]] = defaultdict(list)
+        for i, event in enumerate(events):
             if (seen := self.dedupe.get(event.id)) is not None:
-                done: asyncio.Future[Published] = loop.create_future()
-                done.set_result(Published(seen.topic, seen.partition, seen.offset, duplicate=True))
-                self.stats.duplicates += 1
-                metrics.INGEST_DEDUPE_HITS.labels(topic.topic).inc()
-                results.append(done)
-                continue
-            if (flying := self._in_flight.get(event.id)) is not None:
-                results.append(flying)  # the same id in flight: share its outcome
-                self.stats.duplicates += 1
-                metrics.INGEST_DEDUPE_HITS.labels(topic.topic).inc()
-                continue
-            future: asyncio.Future[Published] = loop.create_future()
-            self._in_flight[event.id] = future
-            self._enqueue(name, envelope.partition_for(event.subject, n), event, payload, future)
-            results.append(future)
+                outcome.append(Published(seen.topic, seen.partition, seen.offset, duplicate=True))
+                self._duplicate(topic)
+            elif (flying := self._in_flight.get(event.id)) is not None:
+                outcome.append(flying)  # the same id in flight: share its outcome
+                self._duplicate(topic)
+            else:
+                outcome.append(Published(name, -1, -1))  # placeholder, set below
+                by_partition[_partition_of(event.subject, n)].append(i)
+        loop = asyncio.get_running_loop()
+        for partition, indexes in by_partition.items():
+            for chunk in self._chunks(indexes, payloads):
+                future: asyncio.Future[Published] = loop.create_future()
+                ids = [events[i].id for i in chunk]
+                for i, event_id in zip(chunk, ids, strict=True):
+                    self._in_flight[event_id] = future
+                    outcome[i] = future
+                self._enqueue(
+                    name,
+                    partition,
+                    ids,
+                    [payloads[i] for i in chunk],
+                    {events[i].subject for i in chunk},
+                    future,
+                )
+        futures = {id(f): f for f in outcome if isinstance(f, asyncio.Future)}.values()
         self._waiting += len(events)
         try:
             async with asyncio.timeout(self.timeout_s):
-                return list(await asyncio.gather(*(asyncio.shield(f) for f in results)))
+                await asyncio.gather(*(asyncio.shield(f) for f in futures))
         except TimeoutError as exc:
             raise PublishFailed(
                 f"Kafka did not acknowledge {name} within {self.timeout_s} s"
@@ -195,26 +214,49 @@ class EnvelopePublisher:
             raise PublishFailed(f"Kafka refused {name}: {exc!r}") from exc
         finally:
             self._waiting -= len(events)
+        return [o.result() if isinstance(o, asyncio.Future) else o for o in outcome]
+
+    def _duplicate(self, topic: Topic) -> None:
+        self.stats.duplicates += 1
+        metrics.INGEST_DEDUPE_HITS.labels(topic.topic).inc()
+
+    def _chunks(self, indexes: list[int], payloads: list[bytes]) -> Iterator[list[int]]:
+        """Split one partition's events into pieces that each fit one envelope."""
+        chunk: list[int] = []
+        size = 0
+        for i in indexes:
+            if chunk and (
+                len(chunk) >= self.max_envelope_events
+                or size + len(payloads[i]) > self.max_envelope_bytes
+            ):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(i)
+            size += len(payloads[i]) + 1
+        if chunk:
+            yield chunk
 
     def _enqueue(
         self,
         topic: str,
         partition: int,
-        event: CloudEvent,
-        payload: bytes,
+        ids: list[str],
+        payloads: list[bytes],
+        subjects: set[str],
         future: asyncio.Future[Published],
     ) -> None:
+        size = sum(len(p) for p in payloads) + len(payloads)
         pending = self._pending[(topic, partition)]
         if pending.payloads and (
-            len(pending.payloads) >= self.max_envelope_events
-            or pending.size + len(payload) > self.max_envelope_bytes
+            len(pending.payloads) + len(payloads) > self.max_envelope_events
+            or pending.size + size > self.max_envelope_bytes
         ):
             self._flush(topic, partition)
             pending = self._pending[(topic, partition)]
-        pending.payloads.append(payload)
-        pending.subjects.add(event.subject)
-        pending.size += len(payload) + 1
-        pending.waiters.append((event.id, future))
+        pending.payloads.extend(payloads)
+        pending.subjects |= subjects
+        pending.size += size
+        pending.waiters.append((ids, future))
         if pending.timer is None:
             pending.timer = asyncio.get_running_loop().call_later(
                 self.linger_s, self._flush, topic, partition
@@ -232,7 +274,7 @@ class EnvelopePublisher:
         self.stats.events += len(pending.payloads)
         metrics.INGEST_ENVELOPE_EVENTS.observe(len(pending.payloads))
         task = asyncio.ensure_future(self._send(topic, partition, key, value))
-        task.add_done_callback(lambda t: self._settle(t, topic, pending.waiters))
+        task.add_done_callback(lambda t: self._settle(t, pending.waiters))
 
     async def _send(self, topic: str, partition: int, key: bytes | None, value: bytes) -> Published:
         sent = await self.producer.send(
@@ -244,25 +286,22 @@ class EnvelopePublisher:
     def _settle(
         self,
         task: asyncio.Future[Published],
-        topic: str,
-        waiters: list[tuple[str, asyncio.Future[Published]]],
+        waiters: list[tuple[list[str], asyncio.Future[Published]]],
     ) -> None:
         error = task.exception() if not task.cancelled() else asyncio.CancelledError()
-        for event_id, future in waiters:
-            self._in_flight.pop(event_id, None)
+        for ids, future in waiters:
+            for event_id in ids:
+                self._in_flight.pop(event_id, None)
             if future.done():
                 continue
             if error is not None:
                 future.set_exception(error)
+                future.exception()  # retrieved: the caller may have given up already
             else:
                 published = task.result()
-                self.dedupe.add(event_id, published)
+                for event_id in ids:
+                    self.dedupe.add(event_id, published)
                 future.set_result(published)
-        if error is not None:
-            # nobody may be awaiting any more (timed out): mark the exception as retrieved
-            for _, future in waiters:
-                if future.done() and not future.cancelled():
-                    future.exception()
 
     async def flush_all(self) -> None:
         """Send every waiting envelope now (used at shutdown)."""
