@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import re
-from datetime import UTC, datetime
 
 import orjson
 import pytest
 from aiokafka.partitioner import murmur2
 
 from churnguard.common import envelope
-from churnguard.common.events.usage import FeatureUsed, FeatureUsedData
 from churnguard.common.topics import Topic
+from tests.fixtures.events import feature_used
 
 # Kafka's own test vectors for murmur2 (clients UtilsTest.testMurmur2), as signed 32-bit ints
 KAFKA_MURMUR2_VECTORS = {
@@ -23,16 +22,6 @@ KAFKA_MURMUR2_VECTORS = {
     "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
     "abc": 479470107,
 }
-
-
-def feature_used(account: str, n: int) -> FeatureUsed:
-    return FeatureUsed(
-        id=f"evt-{account}-{n}",
-        source="/tests",
-        time=datetime(2026, 11, 1, 12, n % 60, tzinfo=UTC),
-        subject=account,
-        data=FeatureUsedData(user_id="u1", feature="reports"),
-    )
 
 
 @pytest.mark.parametrize(("key", "expected"), KAFKA_MURMUR2_VECTORS.items())

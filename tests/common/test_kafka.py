@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from churnguard.common import envelope
-from churnguard.common.events.usage import FeatureUsed, FeatureUsedData
 from churnguard.common.kafka import (
     ConsumerLoop,
     DeadLetterBreaker,
@@ -18,6 +16,7 @@ from churnguard.common.kafka import (
     make_producer,
 )
 from churnguard.common.topics import Topic
+from tests.fixtures.events import feature_used as event
 from tests.fixtures.kafka import KafkaBroker, read_topic
 
 
@@ -41,16 +40,6 @@ def test_breaker_trips_above_the_ratio() -> None:
         breaker.record(bad)
     assert breaker.ratio == 0.75
     assert breaker.tripped
-
-
-def event(account: str, n: int) -> FeatureUsed:
-    return FeatureUsed(
-        id=f"e-{account}-{n}",
-        source="/tests",
-        time=datetime(2026, 11, 2, tzinfo=UTC),
-        subject=account,
-        data=FeatureUsedData(user_id="u", feature="exports"),
-    )
 
 
 def usage_loop(
@@ -119,9 +108,7 @@ async def test_loop_processes_dead_letters_and_commits_after(
         await asyncio.wait_for(runner, 30)
     finally:
         await producer.stop()
-    assert sorted(seen) == sorted(
-        [f"e-acct_a-{i}" for i in range(3)] + ["e-acct_b-0", "e-acct_b-1"]
-    )
+    assert sorted(seen) == sorted([f"acct_a-{i}" for i in range(3)] + ["acct_b-0", "acct_b-1"])
     offsets = await committed(kafka.bootstrap, kafka_topics + "loop", topic)
     assert sum(offsets.values()) == 3  # two envelopes and the dead-lettered record
 

@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from aiokafka.structs import RecordMetadata, TopicPartition
 
 from churnguard.common import envelope
-from churnguard.common.events.usage import FeatureUsed, FeatureUsedData
 from churnguard.common.kafka import make_producer
 from churnguard.common.topics import Topic
 from churnguard.ingest.publisher import DedupeWindow, EnvelopePublisher, PublishFailed
+from tests.fixtures.events import feature_used as event
 from tests.fixtures.kafka import KafkaBroker, read_topic
-
-
-def event(account: str, n: int) -> FeatureUsed:
-    return FeatureUsed(
-        id=f"{account}-{n}",
-        source="/tests",
-        time=datetime(2026, 11, 3, tzinfo=UTC),
-        subject=account,
-        data=FeatureUsedData(user_id="u1", feature="reports"),
-    )
 
 
 @dataclass
