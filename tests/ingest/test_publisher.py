@@ -118,6 +118,19 @@ def test_dedupe_window_forgets_the_oldest_first() -> None:
     assert window.get("e2") == Published("t", 0, 2)
 
 
+def test_dedupe_window_expires_groups_but_keeps_ids_acknowledged_again() -> None:
+    from churnguard.ingest.publisher import Published
+
+    window = DedupeWindow(ttl_s=0.0, max_ids=100)
+    first, again = Published("t", 0, 1), Published("t", 0, 2)
+    window.add_many(["a", "b"], first)
+    window.ttl_s = 60.0
+    window.add_many(["b"], again)  # b acknowledged again (a retry whose first ack was late)
+    assert window.get("a") is None  # its group expired
+    assert window.get("b") == again  # the expired group does not take the newer entry along
+    assert len(window) == 1
+
+
 @pytest.mark.integration
 async def test_envelopes_grow_with_concurrent_load_on_a_real_broker(
     kafka: KafkaBroker, kafka_topics: str

@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
 from churnguard.common.events.base import CloudEvent
@@ -166,10 +168,51 @@ def test_simulated_world_round_trips_through_batch_requests(
         )
         assert result.rejected == []
         assert len(result.accepted) == len(chunk)
-        for got, event in zip(result.accepted, chunk, strict=True):
+        for got, payload, event in zip(result.accepted, result.payloads, chunk, strict=True):
             assert_same(got, USAGE.validate_python(event))
+            assert_payload_is(payload, got)
             checked += 1
     assert checked == len(world_events)
+
+
+def assert_payload_is(payload: bytes, event: CloudEvent) -> None:
+    """What ingest publishes decodes to the event it validated, in CloudEvents JSON."""
+    assert USAGE.validate_json(payload) == event
+    written = orjson.loads(payload)
+    canonical = orjson.loads(event.to_json())
+    assert datetime.fromisoformat(written.pop("time")) == datetime.fromisoformat(
+        canonical.pop("time")
+    )
+    assert written == canonical  # same attribute names and values, defaults included
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    count=st.one_of(
+        st.none(),
+        st.integers(-2, 2_000_000),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.integers(1, 1000).map(str),
+        st.booleans(),
+        st.text(max_size=5),
+    ),
+    feature=st.one_of(st.sampled_from(["dashboards", "api", "Bad Key", ""]), st.text(max_size=8)),
+    timestamp=st.datetimes(timezones=st.just(UTC)).map(lambda t: t.isoformat()),
+)
+def test_published_json_is_the_validated_event(count: Any, feature: str, timestamp: str) -> None:
+    properties: dict[str, Any] = {"feature": feature}
+    if count is not None:
+        properties["count"] = count
+    messages = [
+        track(event="Feature Used", properties=properties, timestamp=timestamp),
+        track(messageId="m-2", event="Other", properties={"count": count}),
+        {"type": "group", "messageId": "g-1", "userId": "u_9", "groupId": "acct_9"},
+    ]
+    result = map_batch(messages, source=SOURCE, received_at=RECEIVED, resolve_account=no_account)
+    assert len(result.accepted) + len(result.rejected) == 3
+    assert len(result.payloads) == len(result.accepted)
+    for event, payload in zip(result.accepted, result.payloads, strict=True):
+        assert_payload_is(payload, event)
 
 
 # -- what segment-analytics-python sends ----------------------------------------------------

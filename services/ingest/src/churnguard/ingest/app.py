@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -23,12 +23,11 @@ import orjson
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.responses import ORJSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from sqlalchemy import text
 
 from churnguard.common import metrics
 from churnguard.common.db import create_engine, session_factory
-from churnguard.common.envelope import describe_validation_error
 from churnguard.common.events.base import CloudEvent
 from churnguard.common.kafka import make_producer
 from churnguard.common.logs import bind_event
@@ -49,6 +48,7 @@ log = logging.getLogger(__name__)
 NATIVE_TOPICS = {"usage": Topic.USAGE, "billing": Topic.BILLING, "feedback": Topic.FEEDBACK}
 SINGLE_EVENT_LIMIT = 32 * 1024
 BATCH_LIMIT = 500 * 1024
+MAX_BATCH_EVENTS = 10_000
 DEFAULT_LIMIT = 1024 * 1024
 
 
@@ -111,10 +111,6 @@ class UserAccounts:
         return self._accounts.get(user_id) if user_id else None
 
 
-class Batch(BaseModel):
-    events: list[dict[str, Any]] = Field(max_length=10_000)
-
-
 async def source(request: Request) -> Source:
     """The source whose write key authenticates the request, or 401."""
     authenticator: WriteKeyAuthenticator = request.app.state.authenticator
@@ -142,6 +138,9 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
             platform.kafka_bootstrap,
             client_id="churnguard-ingest",
             idempotent=platform.kafka_idempotent_producer,
+            # the publisher lingers for envelopes already; a producer linger on top only
+            # adds latency (single-event p50 10.6 ms with 5 ms here)
+            linger_ms=0,
         )
         engine = create_engine(
             platform.database_url.get_secret_value(),
@@ -190,11 +189,13 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
             headers=exc.headers,
         )
 
-    async def publish(topic: Topic, events: Sequence[CloudEvent]) -> list[Published]:
+    async def publish(
+        topic: Topic, events: Sequence[CloudEvent], payloads: Sequence[bytes] | None = None
+    ) -> list[Published]:
         started = time.perf_counter()
         publisher: EnvelopePublisher = app.state.publisher
         try:
-            published = await publisher.publish(topic, events)
+            published = await publisher.publish(topic, events, payloads)
         except InvalidEvent as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
         except PublishFailed as exc:
@@ -204,8 +205,8 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
                 str(exc),
                 headers={"Retry-After": str(settings.retry_after_s)},
             ) from exc
-        for event in events:
-            metrics.INGEST_EVENTS.labels(topic.topic, event.type).inc()
+        for event_type, count in Counter(event.type for event in events).items():
+            metrics.INGEST_EVENTS.labels(topic.topic, event_type).inc(count)
         metrics.INGEST_PUBLISH_SECONDS.labels(topic.topic).observe(time.perf_counter() - started)
         return published
 
@@ -228,41 +229,61 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         publish_one.__annotations__["event"] = topic.spec.value
         return publish_one
 
-    def batch_endpoint(topic: Topic) -> Callable[..., Awaitable[BatchAccepted]]:
-        async def publish_batch(request: Request, src: Authenticated) -> BatchAccepted:
+    def batch_endpoint(topic: Topic) -> Callable[..., Awaitable[Response]]:
+        many = TypeAdapter(list[topic.spec.value])  # type: ignore[name-defined]
+
+        async def publish_batch(request: Request, src: Authenticated) -> Response:
             try:
-                body = Batch.model_validate(orjson.loads(await request.body()))
-            except (orjson.JSONDecodeError, ValidationError) as exc:
-                reason = (
-                    describe_validation_error(exc)
-                    if isinstance(exc, ValidationError)
-                    else f"not JSON: {exc}"
+                body = orjson.loads(await request.body())
+            except orjson.JSONDecodeError as exc:
+                raise HTTPException(status.HTTP_400_BAD_REQUEST, f"body: not JSON: {exc}") from None
+            items = body.get("events") if isinstance(body, dict) else None
+            if not isinstance(items, list):
+                raise HTTPException(
+                    status.HTTP_400_BAD_REQUEST,
+                    'body: must be {"events": [event, ...]}, with events an array',
                 )
-                raise HTTPException(status.HTTP_400_BAD_REQUEST, f"body: {reason}") from None
-            good: list[CloudEvent] = []
+            if len(items) > MAX_BATCH_EVENTS:
+                raise HTTPException(
+                    status.HTTP_400_BAD_REQUEST,
+                    f"body: events: {len(items)} events, at most {MAX_BATCH_EVENTS} per batch",
+                )
+            good: list[CloudEvent]
             rejected: list[Rejection] = []
-            for index, item in enumerate(body.events):
-                try:
-                    good.append(topic.adapter.validate_python(item))
-                except ValidationError as exc:
-                    first = exc.errors()[0]
-                    loc = [str(p) for p in first["loc"] if not str(p).startswith("churnguard.")]
-                    rejected.append(
-                        Rejection(
-                            index=index, field=".".join(loc) or "(event)", reason=first["msg"]
-                        )
-                    )
-            for _ in rejected:
-                metrics.INGEST_REJECTED.labels(request.url.path, "invalid").inc()
+            try:
+                good = many.validate_python(items)  # the whole batch in one call
+            except ValidationError:
+                good = []  # tell which: one by one
+                for index, item in enumerate(items):
+                    try:
+                        good.append(topic.adapter.validate_python(item))
+                    except ValidationError as exc:
+                        first = exc.errors()[0]
+                        loc = [str(p) for p in first["loc"] if not str(p).startswith("churnguard.")]
+                        field = ".".join(loc) or "(event)"
+                        rejected.append(Rejection(index=index, field=field, reason=first["msg"]))
+            if rejected:
+                metrics.INGEST_REJECTED.labels(request.url.path, "invalid").inc(len(rejected))
             if not good:
                 raise HTTPException(
                     status.HTTP_422_UNPROCESSABLE_ENTITY,
                     [r.model_dump() for r in rejected] or "no events",
                 )
             published = await publish(topic, good)
-            return BatchAccepted(
-                accepted=[accepted(e, p) for e, p in zip(good, published, strict=True)],
-                rejected=rejected,
+            # written directly: 500 response models cost as much as validating the batch
+            accepted = [
+                {
+                    "id": e.id,
+                    "topic": p.topic,
+                    "partition": p.partition,
+                    "offset": p.offset,
+                    "duplicate": p.duplicate,
+                }
+                for e, p in zip(good, published, strict=True)
+            ]
+            return ORJSONResponse(
+                {"accepted": accepted, "rejected": [r.model_dump() for r in rejected]},
+                status_code=status.HTTP_202_ACCEPTED,
             )
 
         return publish_batch
@@ -295,7 +316,9 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
                             "schema": {
                                 "type": "object",
                                 "required": ["events"],
-                                "properties": {"events": {"type": "array", "maxItems": 10_000}},
+                                "properties": {
+                                    "events": {"type": "array", "maxItems": MAX_BATCH_EVENTS}
+                                },
                             }
                         }
                     },
@@ -335,7 +358,7 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
                 status.HTTP_400_BAD_REQUEST,
                 {"accepted": 0, "rejected": [r.model_dump() for r in rejected]},
             )
-        await publish(Topic.USAGE, result.accepted)
+        await publish(Topic.USAGE, result.accepted, result.payloads)
         remember_accounts(result.accepted)
         return SegmentAccepted(accepted=len(result.accepted), rejected=rejected)
 

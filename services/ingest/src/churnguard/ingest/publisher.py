@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -66,36 +66,53 @@ def _partition_of(account_id: str, partitions: int) -> int:
 class DedupeWindow:
     """Ids acknowledged recently, with where they went; oldest forgotten first.
 
-    Per process: with several ingest workers a duplicate that lands on another worker
-    is published again, and downstream consumers dedupe by the same id.
+    Ids are remembered in the groups they were acknowledged in (one envelope's worth), so
+    remembering and forgetting cost one dict operation per id and one deque operation per
+    group. Per process: with several ingest workers a duplicate that lands on another
+    worker is published again, and downstream consumers dedupe by the same id.
     """
 
     def __init__(self, ttl_s: float = 600.0, max_ids: int = 1_000_000) -> None:
         self.ttl_s = ttl_s
         self.max_ids = max_ids
-        self._seen: OrderedDict[str, tuple[float, Published]] = OrderedDict()
+        self._seen: dict[str, Published] = {}
+        self._groups: deque[tuple[float, list[str], Published]] = deque()
+        self._count = 0
 
     def get(self, event_id: str) -> Published | None:
-        self._expire()
-        hit = self._seen.get(event_id)
-        return hit[1] if hit else None
+        self.expire()
+        return self._seen.get(event_id)
+
+    def lookup(self, event_id: str) -> Published | None:
+        """Like :meth:`get` without expiring first: for loops that called :meth:`expire`."""
+        return self._seen.get(event_id)
 
     def add(self, event_id: str, published: Published) -> None:
-        self._seen[event_id] = (time.monotonic() + self.ttl_s, published)
-        self._seen.move_to_end(event_id)
-        while len(self._seen) > self.max_ids:
-            self._seen.popitem(last=False)
+        self.add_many([event_id], published)
+
+    def add_many(self, event_ids: list[str], published: Published) -> None:
+        self._seen.update(dict.fromkeys(event_ids, published))
+        self._groups.append((time.monotonic() + self.ttl_s, event_ids, published))
+        self._count += len(event_ids)
+        while self._count > self.max_ids and self._groups:
+            self._forget_oldest()
 
     def __len__(self) -> int:
         return len(self._seen)
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
         now = time.monotonic()
-        while self._seen:
-            expiry, _ = next(iter(self._seen.values()))
-            if expiry > now:
-                break
-            self._seen.popitem(last=False)
+        while self._groups and self._groups[0][0] <= now:
+            self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        _, ids, published = self._groups.popleft()
+        self._count -= len(ids)
+        seen = self._seen
+        for event_id in ids:
+            # the id may have been acknowledged again since (a retry after a timeout)
+            if seen.get(event_id) is published:
+                del seen[event_id]
 
 
 @dataclass
@@ -152,20 +169,32 @@ class EnvelopePublisher:
         # served from the client's metadata cache; fetched from the broker only when unknown
         return len(await self.producer.partitions_for(topic))
 
-    async def publish(self, topic: Topic, events: Sequence[CloudEvent]) -> list[Published]:
-        """Publish ``events``; returns once Kafka acknowledged every one (or duplicates)."""
+    async def publish(
+        self,
+        topic: Topic,
+        events: Sequence[CloudEvent],
+        payloads: Sequence[bytes] | None = None,
+    ) -> list[Published]:
+        """Publish ``events``; returns once Kafka acknowledged every one (or duplicates).
+
+        ``payloads``, when given, are the events' JSON as the caller already wrote it (one
+        per event, decoding to an equal event); otherwise each event is written here.
+        """
         if self._waiting + len(events) > self.max_pending_events:
             raise PublishFailed(
                 f"{self._waiting} events already wait for Kafka (limit {self.max_pending_events})"
             )
         # serialise first: an event that cannot be written must fail before anything is
         # registered as in flight, or its id would wait for an acknowledgement forever
-        payloads = []
-        for index, event in enumerate(events):
-            try:
-                payloads.append(event.to_json())
-            except PydanticSerializationError as exc:
-                raise InvalidEvent(index, f"cannot be written as JSON: {exc}") from None
+        if payloads is None:
+            payloads = []
+            for index, event in enumerate(events):
+                try:
+                    payloads.append(event.to_json())
+                except PydanticSerializationError as exc:
+                    raise InvalidEvent(index, f"cannot be written as JSON: {exc}") from None
+        elif len(payloads) != len(events):
+            raise ValueError(f"{len(payloads)} payloads for {len(events)} events")
         name = topic.name_in(self.prefix)
         try:
             n = await asyncio.wait_for(self.partitions(name), self.timeout_s)
@@ -175,15 +204,18 @@ class EnvelopePublisher:
         # event: per-event futures cost more than the rest of publishing together
         outcome: list[Published | asyncio.Future[Published]] = []
         by_partition: dict[int, list[int]] = defaultdict(list)
+        placeholder = Published(name, -1, -1)  # replaced below
+        self.dedupe.expire()
+        lookup, in_flight = self.dedupe.lookup, self._in_flight
         for i, event in enumerate(events):
-            if (seen := self.dedupe.get(event.id)) is not None:
+            if (seen := lookup(event.id)) is not None:
                 outcome.append(Published(seen.topic, seen.partition, seen.offset, duplicate=True))
                 self._duplicate(topic)
-            elif (flying := self._in_flight.get(event.id)) is not None:
+            elif (flying := in_flight.get(event.id)) is not None:
                 outcome.append(flying)  # the same id in flight: share its outcome
                 self._duplicate(topic)
             else:
-                outcome.append(Published(name, -1, -1))  # placeholder, set below
+                outcome.append(placeholder)
                 by_partition[_partition_of(event.subject, n)].append(i)
         loop = asyncio.get_running_loop()
         for partition, indexes in by_partition.items():
@@ -220,7 +252,7 @@ class EnvelopePublisher:
         self.stats.duplicates += 1
         metrics.INGEST_DEDUPE_HITS.labels(topic.topic).inc()
 
-    def _chunks(self, indexes: list[int], payloads: list[bytes]) -> Iterator[list[int]]:
+    def _chunks(self, indexes: list[int], payloads: Sequence[bytes]) -> Iterator[list[int]]:
         """Split one partition's events into pieces that each fit one envelope."""
         chunk: list[int] = []
         size = 0
@@ -299,8 +331,7 @@ class EnvelopePublisher:
                 future.exception()  # retrieved: the caller may have given up already
             else:
                 published = task.result()
-                for event_id in ids:
-                    self.dedupe.add(event_id, published)
+                self.dedupe.add_many(ids, published)
                 future.set_result(published)
 
     async def flush_all(self) -> None:

@@ -90,12 +90,12 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from functools import lru_cache
+from typing import Annotated, Any, Final
 
 import orjson
-from pydantic import ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
-from churnguard.common.events.base import CloudEvent
 from churnguard.common.events.usage import FeatureUsed, Group, Identify, Track
 
 MAX_EVENT_BYTES: Final = 32 * 1024
@@ -110,10 +110,15 @@ SINGLE_CALLS: Final = frozenset({"track", "identify", "group", "page", "screen",
 """Call types that have their own endpoint, ``POST /v1/<type>``."""
 NO_ACCOUNT: Final = "no account: set context.groupId or send a group call for this user first"
 _PAGE_CONTEXT_KEYS: Final = ("path", "referrer", "search", "title", "url")
+_FEATURE_USED_PROPERTIES: Final = frozenset({"feature", "count"})
 
 AccountResolver = Callable[[str | None, str | None], str | None]
 """``(userId, anonymousId) -> account id or None``: accounts learnt from earlier group calls."""
 SegmentEvent = Track | Identify | Group | FeatureUsed
+_TYPES: Final[dict[type[SegmentEvent], str]] = {
+    m: m.model_fields["type"].default for m in (Track, Identify, Group, FeatureUsed)
+}
+_BATCH: Final = TypeAdapter(list[Annotated[SegmentEvent, Field(discriminator="type")]])
 
 
 class SegmentError(ValueError):
@@ -153,8 +158,10 @@ class Rejection:
 
 @dataclass
 class BatchResult:
-    accepted: list[CloudEvent] = field(default_factory=list)
+    accepted: list[SegmentEvent] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
+    payloads: list[bytes] = field(default_factory=list)
+    """The JSON of each accepted event, in the same order."""
 
 
 # -- requests -------------------------------------------------------------------------------
@@ -315,11 +322,17 @@ def _parse_time(value: object, name: str, index: int | None) -> datetime:
             field=_path(index, name),
         )
     try:
-        parsed = datetime.fromisoformat(value)
+        return _from_iso(value)
     except ValueError:
         raise SegmentError(
             f"not an ISO-8601 date: {value[:64]!r}", index=index, field=_path(index, name)
         ) from None
+
+
+@lru_cache(maxsize=1024)
+def _from_iso(value: str) -> datetime:
+    # cached: a batch's sentAt is the same for all its messages
+    parsed = datetime.fromisoformat(value)
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
@@ -343,10 +356,12 @@ def event_time(message: Mapping[str, Any], received_at: datetime, index: int | N
 def _id(message: Mapping[str, Any], name: str, index: int | None) -> str | None:
     """An id field as a string: null and "" are absent, numbers are their decimal string."""
     value = message.get(name)
-    if value is None or value == "":
+    if type(value) is str:
+        return value or None
+    if value is None:
         return None
     if isinstance(value, str):
-        return value
+        return value or None
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     raise SegmentError(
@@ -435,11 +450,32 @@ def to_cloudevent(
     the field paths of errors, ``batch[<index>].``. Raises :class:`SegmentError` with the
     reason and the Segment field when the message does not map.
     """
+    model, fields, account_field = _fields(
+        message,
+        index=index,
+        source=source,
+        received_at=received_at,
+        resolve_account=resolve_account,
+    )
+    return _build(model, fields, index=index, account_field=account_field)
+
+
+def _fields(
+    message: Mapping[str, Any],
+    *,
+    index: int | None,
+    source: str,
+    received_at: datetime,
+    resolve_account: AccountResolver,
+) -> tuple[type[SegmentEvent], dict[str, Any], str]:
+    """The event model, its fields as CloudEvents JSON (not yet validated), and which
+    Segment field holds the account; raises :class:`SegmentError` as :func:`to_cloudevent`.
+    """
 
     def fail(reason: str, name: str | None) -> SegmentError:
         return SegmentError(reason, index=index, field=_path(index, name))
 
-    if not isinstance(message, Mapping):
+    if type(message) is not dict and not isinstance(message, Mapping):
         raise fail(f"a message must be a JSON object, not {_json_type(message)}", None)
     kind = message.get("type")
     if kind == "alias":
@@ -483,7 +519,16 @@ def to_cloudevent(
             raise fail(NO_ACCOUNT, "context.groupId")
 
     time = event_time(message, received_at, index)
-    fields: dict[str, Any] = {"id": message_id, "source": source, "time": time, "subject": account}
+    fields: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": message_id,
+        "source": source,
+        "type": "",  # set below, with data
+        "time": time.isoformat(),
+        "subject": account,
+        "datacontenttype": "application/json",
+        "schemaversion": 1,
+    }
     model: type[SegmentEvent]
     if kind in ("identify", "group"):
         if user_id is None:
@@ -491,8 +536,9 @@ def to_cloudevent(
                 f"{kind} without userId is not supported: users are keyed by userId", "userId"
             )
         model = Identify if kind == "identify" else Group
+        fields["type"] = _TYPES[model]
         fields["data"] = {"user_id": user_id, "traits": _object(message, "traits", index)}
-        return _build(model, fields, index=index, account_field=account_field)
+        return model, fields, account_field
 
     if user_id is None and anonymous_id is None:
         raise fail("userId or anonymousId is required", "userId")
@@ -512,22 +558,24 @@ def to_cloudevent(
         event == FEATURE_USED_EVENT
         and user_id is not None
         and "feature" in properties
-        and properties.keys() <= {"feature", "count"}
+        and properties.keys() <= _FEATURE_USED_PROPERTIES
     ):
         count = properties.get("count")
+        fields["type"] = _TYPES[FeatureUsed]
         fields["data"] = {
             "user_id": user_id,
             "feature": properties["feature"],
             "count": 1 if count is None else count,
         }
-        return _build(FeatureUsed, fields, index=index, account_field=account_field)
+        return FeatureUsed, fields, account_field
     data: dict[str, Any] = {"event": event, "properties": properties}
     if user_id is not None:
         data["user_id"] = user_id
     if anonymous_id is not None:
         data["anonymous_id"] = anonymous_id
+    fields["type"] = _TYPES[Track]
     fields["data"] = data
-    return _build(Track, fields, index=index, account_field=account_field)
+    return Track, fields, account_field
 
 
 def map_batch(
@@ -541,7 +589,49 @@ def map_batch(
 
     A ``group`` call accepted earlier in the batch tells the account of its user to the
     messages after it (before ``resolve_account`` is asked).
+
+    The accepted events come with their JSON (``payloads``), written from the fields that
+    validated (they decode to equal events). The whole batch is validated in one call;
+    only a batch with a message that does not validate is mapped again one by one, to
+    tell which.
     """
+    learned: dict[str, str] = {}
+
+    def resolve(user_id: str | None, anonymous_id: str | None) -> str | None:
+        if user_id is not None and user_id in learned:
+            return learned[user_id]
+        return resolve_account(user_id, anonymous_id)
+
+    all_fields: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        try:
+            model, fields, _ = _fields(
+                message, index=i, source=source, received_at=received_at, resolve_account=resolve
+            )
+        except SegmentError:
+            return _map_one_by_one(messages, source, received_at, resolve_account)
+        if model is Group:
+            learned[fields["data"]["user_id"]] = fields["subject"]
+        all_fields.append(fields)
+    try:
+        events = _BATCH.validate_python(all_fields)
+    except ValidationError:
+        return _map_one_by_one(messages, source, received_at, resolve_account)
+    payloads = []
+    dumps = orjson.dumps
+    for fields, event in zip(all_fields, events, strict=True):
+        if type(event) is FeatureUsed:
+            fields["data"]["count"] = event.data.count  # as validated: "3" or 3.0 -> 3
+        payloads.append(dumps(fields))
+    return BatchResult(accepted=events, rejected=[], payloads=payloads)
+
+
+def _map_one_by_one(
+    messages: Sequence[Mapping[str, Any]],
+    source: str,
+    received_at: datetime,
+    resolve_account: AccountResolver,
+) -> BatchResult:
     result = BatchResult()
     learned: dict[str, str] = {}
 
@@ -552,15 +642,19 @@ def map_batch(
 
     for i, message in enumerate(messages):
         try:
-            event = to_cloudevent(
+            model, fields, account_field = _fields(
                 message, index=i, source=source, received_at=received_at, resolve_account=resolve
             )
+            event = _build(model, fields, index=i, account_field=account_field)
         except SegmentError as exc:
             result.rejected.append(Rejection(i, exc.field, exc.reason))
             continue
         if isinstance(event, Group):
             learned[event.data.user_id] = event.subject
+        if isinstance(event, FeatureUsed):
+            fields["data"]["count"] = event.data.count
         result.accepted.append(event)
+        result.payloads.append(orjson.dumps(fields))
     return result
 
 
