@@ -6,6 +6,8 @@ figure only counts events Kafka holds.
 
 ingest_events_per_s: Segment /v1/batch, 500 "Feature Used" tracks per request, 8 connections.
 ingest_native_batch_events_per_s: /v1/events/usage/batch, 500 CloudEvents per request.
+ingest_cpu_us_per_event: CPU time (user + system) the ingest process spent per event during
+the Segment runs; unlike events/s it does not depend on what else runs on the machine.
 ingest_single_p50_ms / ingest_single_p99_ms: /v1/events/usage, one event per request, 200
 requests/s for 10 s, open loop.
 raw_produce_msgs_per_s (same run): aiokafka alone, one ~300-byte record per event, acks=all.
@@ -24,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.broker import MESSAGES, _events, _produce
@@ -126,15 +129,20 @@ def run() -> dict[str, float]:
 
         expected = 0
         rates: dict[str, list[float]] = {"segment": [], "native": []}
+        cpu_us: dict[str, list[float]] = {"segment": [], "native": []}
+        server = psutil.Process(ingest.pid)
         for run_no in range(REPEATS):
             for mode in ("segment", "native"):
+                before = sum(server.cpu_times()[:2])
                 result = _loadgen(
                     url, key, "--mode", mode, "--run", str(run_no * 2 + (mode == "native"))
                 )
+                used = sum(server.cpu_times()[:2]) - before
                 if result["failures"]:
                     raise RuntimeError(f"{mode}: {result['failures']} requests failed")
                 expected += result["events"]
                 rates[mode].append(result["events"] / result["elapsed_s"])
+                cpu_us[mode].append(used / result["events"] * 1e6)
         landed = asyncio.run(_count_events(broker.bootstrap, topic))
         if landed < expected:
             raise RuntimeError(f"only {landed} of {expected} acknowledged events are on {topic}")
@@ -156,7 +164,11 @@ def run() -> dict[str, float]:
     def fmt(values: list[float]) -> str:
         return ", ".join(f"{v:,.0f}" for v in values)
 
+    def fmt_us(values: list[float]) -> str:
+        return ", ".join(f"{v:.1f}" for v in values)
+
     seg, nat, raw = (statistics.median(v) for v in (rates["segment"], rates["native"], raw_rates))
+    seg_cpu, nat_cpu = (statistics.median(cpu_us[m]) for m in ("segment", "native"))
     report(
         "ingest (one worker, Tansu, acks=all; events counted on the topic afterwards)",
         [
@@ -169,10 +181,13 @@ def run() -> dict[str, float]:
                 f"{single['requests']} requests",
             ),
             ("ingest_single_p99_ms (200 req/s)", single["p99_ms"], f"{single['failures']} failed"),
+            ("ingest_cpu_us_per_event (Segment batch)", seg_cpu, fmt_us(cpu_us["segment"])),
+            ("ingest_native_cpu_us_per_event", nat_cpu, fmt_us(cpu_us["native"])),
         ],
         [
             ("Segment batch events/s ÷ raw produce msgs/s", seg / raw),
             ("target 50,000 ÷ measured", 50_000 / seg),
+            ("one core's capacity, 1e6 ÷ CPU us per event (Segment)", 1e6 / seg_cpu),
         ],
     )
     return {
@@ -181,6 +196,8 @@ def run() -> dict[str, float]:
         "raw_produce_msgs_per_s": raw,
         "ingest_single_p50_ms": single["p50_ms"],
         "ingest_single_p99_ms": single["p99_ms"],
+        "ingest_cpu_us_per_event": seg_cpu,
+        "ingest_native_cpu_us_per_event": nat_cpu,
     }
 
 

@@ -102,6 +102,20 @@ async def test_no_ack_in_time_fails_and_a_late_ack_makes_the_retry_a_duplicate()
     assert len(producer.sent) == 1
 
 
+async def test_an_id_repeated_in_one_request_or_in_flight_is_published_once() -> None:
+    producer = FakeProducer()
+    pub = publisher(producer, linger_s=0.01)
+    batch = [event("acct_1", 1), event("acct_2", 2), event("acct_1", 1)]
+    first, other = pub.publish(Topic.USAGE, batch), pub.publish(Topic.USAGE, [event("acct_2", 2)])
+    (a, b, a_again), (b_again,) = await asyncio.gather(first, other)
+    sent = [e["id"] for r in producer.sent for e in envelope.unpack(r["value"])]
+    assert sorted(sent) == ["acct_1-1", "acct_2-2"]
+    assert not a.duplicate and not b.duplicate
+    assert a_again.duplicate and (a_again.partition, a_again.offset) == (a.partition, a.offset)
+    assert b_again.duplicate and (b_again.partition, b_again.offset) == (b.partition, b.offset)
+    assert pub.stats.duplicates == 2
+
+
 async def test_too_much_waiting_is_refused_at_once() -> None:
     pub = publisher(FakeProducer(acks=False), max_pending_events=5)
     with pytest.raises(PublishFailed, match="limit 5"):

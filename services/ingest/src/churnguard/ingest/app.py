@@ -330,10 +330,13 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
 
     def remember_accounts(events: Sequence[CloudEvent]) -> None:
         users: UserAccounts = app.state.user_accounts
+        latest: dict[str, str] = {}  # a batch holds few users, each many times
         for event in events:
             user = getattr(event.data, "user_id", None)
             if user:
-                users.remember(user, event.subject)
+                latest[user] = event.subject
+        for user, account in latest.items():
+            users.remember(user, account)
 
     async def segment_batch(request: Request, src: Authenticated) -> SegmentAccepted:
         try:

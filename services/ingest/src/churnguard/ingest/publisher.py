@@ -83,6 +83,10 @@ class DedupeWindow:
         self.expire()
         return self._seen.get(event_id)
 
+    def isdisjoint(self, event_ids: list[str]) -> bool:
+        """None of ``event_ids`` is remembered (call :meth:`expire` first)."""
+        return self._seen.keys().isdisjoint(event_ids)
+
     def lookup(self, event_id: str) -> Published | None:
         """Like :meth:`get` without expiring first: for loops that called :meth:`expire`."""
         return self._seen.get(event_id)
@@ -202,42 +206,44 @@ class EnvelopePublisher:
             raise PublishFailed(f"no metadata for {name} from Kafka: {exc!r}") from exc
         # one future per chunk of this request's events bound for one envelope, not per
         # event: per-event futures cost more than the rest of publishing together
-        outcome: list[Published | asyncio.Future[Published]] = []
+        ids = [event.id for event in events]
+        outcome: list[Published | None] = [None] * len(events)
+        fresh = self._fresh(topic, ids, outcome)
         by_partition: dict[int, list[int]] = defaultdict(list)
-        placeholder = Published(name, -1, -1)  # replaced below
-        self.dedupe.expire()
-        lookup, in_flight = self.dedupe.lookup, self._in_flight
-        for i, event in enumerate(events):
-            if (seen := lookup(event.id)) is not None:
-                outcome.append(Published(seen.topic, seen.partition, seen.offset, duplicate=True))
-                self._duplicate(topic)
-            elif (flying := in_flight.get(event.id)) is not None:
-                outcome.append(flying)  # the same id in flight: share its outcome
-                self._duplicate(topic)
-            else:
-                outcome.append(placeholder)
-                by_partition[_partition_of(event.subject, n)].append(i)
+        partition_of = _partition_of
+        for i in fresh:
+            by_partition[partition_of(events[i].subject, n)].append(i)
         loop = asyncio.get_running_loop()
+        waiting: list[tuple[list[int], asyncio.Future[Published]]] = []
         for partition, indexes in by_partition.items():
             for chunk in self._chunks(indexes, payloads):
                 future: asyncio.Future[Published] = loop.create_future()
-                ids = [events[i].id for i in chunk]
-                for i, event_id in zip(chunk, ids, strict=True):
-                    self._in_flight[event_id] = future
-                    outcome[i] = future
+                chunk_ids = [ids[i] for i in chunk]
+                self._in_flight.update(dict.fromkeys(chunk_ids, future))
+                waiting.append((chunk, future))
                 self._enqueue(
                     name,
                     partition,
-                    ids,
+                    chunk_ids,
                     [payloads[i] for i in chunk],
                     {events[i].subject for i in chunk},
                     future,
                 )
-        futures = {id(f): f for f in outcome if isinstance(f, asyncio.Future)}.values()
+        shared: list[tuple[int, asyncio.Future[Published]]] = []
+        if len(fresh) < len(ids):  # ids in flight already, or repeated in this request
+            publishing = set(fresh)
+            shared = [
+                (i, self._in_flight[ids[i]])
+                for i in range(len(ids))
+                if outcome[i] is None and i not in publishing
+            ]
+        futures = {id(f): f for _, f in waiting}
+        for _, flying in shared:
+            futures[id(flying)] = flying
         self._waiting += len(events)
         try:
             async with asyncio.timeout(self.timeout_s):
-                await asyncio.gather(*(asyncio.shield(f) for f in futures))
+                await asyncio.gather(*(asyncio.shield(f) for f in futures.values()))
         except TimeoutError as exc:
             raise PublishFailed(
                 f"Kafka did not acknowledge {name} within {self.timeout_s} s"
@@ -246,7 +252,42 @@ class EnvelopePublisher:
             raise PublishFailed(f"Kafka refused {name}: {exc!r}") from exc
         finally:
             self._waiting -= len(events)
-        return [o.result() if isinstance(o, asyncio.Future) else o for o in outcome]
+        for chunk, future in waiting:
+            published = future.result()
+            for i in chunk:
+                outcome[i] = published
+        for i, flying in shared:
+            p = flying.result()
+            outcome[i] = Published(p.topic, p.partition, p.offset, duplicate=True)
+        return [p for p in outcome if p is not None]
+
+    def _fresh(
+        self, topic: Topic, ids: list[str], outcome: list[Published | None]
+    ) -> range | list[int]:
+        """Indexes of the ids to publish now; duplicates of acknowledged ids get their
+        outcome in ``outcome``, and ids in flight (or repeated in ``ids``) are left None
+        for :meth:`publish` to share the in-flight outcome."""
+        self.dedupe.expire()
+        in_flight = self._in_flight
+        if (
+            self.dedupe.isdisjoint(ids)
+            and in_flight.keys().isdisjoint(ids)
+            and len(set(ids)) == len(ids)
+        ):
+            return range(len(ids))  # the usual case, checked in C
+        fresh: list[int] = []
+        first: dict[str, int] = {}
+        for i, event_id in enumerate(ids):
+            if (seen := self.dedupe.lookup(event_id)) is not None:
+                outcome[i] = Published(seen.topic, seen.partition, seen.offset, duplicate=True)
+            elif event_id in in_flight or event_id in first:
+                pass  # shares the outcome of the record already on its way
+            else:
+                first[event_id] = i
+                fresh.append(i)
+                continue
+            self._duplicate(topic)
+        return fresh
 
     def _duplicate(self, topic: Topic) -> None:
         self.stats.duplicates += 1
@@ -254,6 +295,11 @@ class EnvelopePublisher:
 
     def _chunks(self, indexes: list[int], payloads: Sequence[bytes]) -> Iterator[list[int]]:
         """Split one partition's events into pieces that each fit one envelope."""
+        if len(indexes) <= self.max_envelope_events and (
+            sum(len(payloads[i]) for i in indexes) + len(indexes) <= self.max_envelope_bytes
+        ):
+            yield indexes
+            return
         chunk: list[int] = []
         size = 0
         for i in indexes:

@@ -542,9 +542,10 @@ def _fields(
 
     if user_id is None and anonymous_id is None:
         raise fail("userId or anonymousId is required", "userId")
-    properties = dict(_object(message, "properties", index))
+    properties = _object(message, "properties", index)  # copied below before any change
     event: object = message.get("event")
     if kind in ("page", "screen"):
+        properties = dict(properties)
         event = PAGE_VIEWED_EVENT if kind == "page" else SCREEN_VIEWED_EVENT
         for name in ("name", "category"):
             if message.get(name) is not None:
