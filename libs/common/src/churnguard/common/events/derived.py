@@ -2,7 +2,8 @@
 
 - ``accounts.scores`` (compacted): :class:`AccountScored`; scoring → playbooks, console.
 - ``accounts.signals``: :data:`SignalEvent` (:class:`RiskTierCrossed`,
-  :class:`UsageDropped`, :class:`ExpansionSignal`, :class:`MilestoneReached`);
+  :class:`UsageDropped`, :class:`ExpansionSignal`, :class:`MilestoneReached`,
+  :class:`PaymentFailedSignal`, :class:`DetractorNps`, :class:`RenewalAtRisk`);
   scoring → playbooks, console.
 - ``revenue.movements``: :class:`RevenueMovement`; scoring → console (MRR ledger).
 - ``actions.notifications``: :class:`NotificationRequested`; playbooks → notify.
@@ -20,7 +21,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import AwareDatetime, Field, StringConstraints, model_validator
 
 from churnguard.common.events.base import CloudEvent, Currency, EventId, Money, Payload
-from churnguard.common.events.billing import BillingId, Cancellation
+from churnguard.common.events.billing import BillingId, Cancellation, DeclineKind
 
 RiskTier = Literal["healthy", "watch", "at_risk", "critical"]
 """Risk tiers from best to worst; scoring derives the tier from the churn probability."""
@@ -173,8 +174,79 @@ class MilestoneReached(CloudEvent):
     data: MilestoneReachedData
 
 
+class PaymentFailedSignalData(Payload):
+    invoice_id: BillingId
+    amount_due: Money
+    currency: Currency
+    decline_code: Annotated[str, StringConstraints(max_length=100)] | None = None
+    decline_kind: DeclineKind
+    attempt_count: int = Field(ge=1, description="Attempts on this invoice, this one included")
+    failed_payments_60d: int = Field(ge=1, description="Failed attempts in the last 60 days")
+    churn_probability: Probability | None = Field(
+        default=None, description="The account's latest score when the payment failed"
+    )
+
+
+class PaymentFailedSignal(CloudEvent):
+    """A payment of the account failed: the trigger of dunning.
+
+    Produced by scoring (topic ``accounts.signals``) once per failed attempt (its ``id``
+    derives from the billing event's), with the account's context; consumed by playbooks
+    (dunning schedule by decline kind, CSM alert for valuable accounts).
+    """
+
+    type: Literal["churnguard.signals.payment_failed"] = "churnguard.signals.payment_failed"
+    data: PaymentFailedSignalData
+
+
+class DetractorNpsData(Payload):
+    score: int = Field(ge=0, le=6, description="The NPS answer, 0-6 for a detractor")
+    comment: Annotated[str, StringConstraints(max_length=5000)] | None = None
+    user_id: Annotated[str, StringConstraints(max_length=256)] | None = None
+    previous_score: int | None = Field(default=None, ge=0, le=10)
+
+
+class DetractorNps(CloudEvent):
+    """A user of the account answered NPS 0-6.
+
+    Produced by scoring (topic ``accounts.signals``) per detractor answer; consumed by
+    playbooks (CSM task plus apology email) and console.
+    """
+
+    type: Literal["churnguard.signals.detractor_nps"] = "churnguard.signals.detractor_nps"
+    data: DetractorNpsData
+
+
+class RenewalAtRiskData(Payload):
+    days_to_renewal: int = Field(ge=0, le=366)
+    window_days: Literal[30, 60, 90] = Field(
+        description="The renewal window entered: the signal fires once per window and renewal"
+    )
+    churn_probability: Probability
+    tier: RiskTier
+    mrr: Money = Field(description="MRR at stake, in the currency's minor unit")
+
+
+class RenewalAtRisk(CloudEvent):
+    """The account's renewal is within 30, 60 or 90 days and its risk is high.
+
+    Produced by scoring (topic ``accounts.signals``) when the account enters a window
+    while at_risk or critical (or becomes so inside it); consumed by playbooks (executive
+    alert) and console.
+    """
+
+    type: Literal["churnguard.signals.renewal_at_risk"] = "churnguard.signals.renewal_at_risk"
+    data: RenewalAtRiskData
+
+
 SignalEvent = Annotated[
-    RiskTierCrossed | UsageDropped | ExpansionSignal | MilestoneReached,
+    RiskTierCrossed
+    | UsageDropped
+    | ExpansionSignal
+    | MilestoneReached
+    | PaymentFailedSignal
+    | DetractorNps
+    | RenewalAtRisk,
     Field(discriminator="type"),
 ]
 
