@@ -1,12 +1,16 @@
-"""Revenue movements: the per-account MRR ledger, rule by rule."""
+"""Revenue movements: the per-account MRR ledger, by rule and against the simulator's truth."""
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,12 +18,16 @@ from hypothesis import strategies as st
 from churnguard.common.events.derived import RevenueMovement
 from churnguard.common.events.schemas import topic_example_files
 from churnguard.common.topics import Topic
+from churnguard.ingest.stripe_webhooks import MappedEvent, map_event
 from churnguard.scoring.revenue import (
     RECENT_EVENT_IDS,
     CurrencyMismatch,
     RevenueLedger,
     movement_id,
 )
+from churnguard.simulator.http_sink import to_stripe
+from churnguard.simulator.output import EVENTS, read_ground_truth, write_world
+from churnguard.simulator.world import SimConfig, World
 
 Event = dict[str, Any]
 ACCOUNT = "acct_7f3a91"
@@ -445,3 +453,127 @@ def test_redeliveries_anywhere_change_nothing(history: list[Event], data: st.Dat
             noisy = RevenueLedger.from_bytes(noisy.to_bytes())
     assert got == expected
     assert noisy.mrr == clean.mrr
+
+
+# -- against the simulator's ground truth ----------------------------------------------------
+
+WORLD = SimConfig(accounts=500, days=365, seed=11)
+"""500 customers at day 0 and ~130 new ones over a year. Seed 11 also has same-day chains of
+subscription changes (a sign-up and its first upgrade, a change then a cancellation) that
+the simulator once stamped out of order."""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("world")
+    write_world(World(WORLD), folder, parquet=False)
+    return folder
+
+
+def billing_events(folder: Path) -> Iterator[Event]:
+    with (folder / EVENTS).open("rb") as f:
+        for line in f:
+            if b'"type":"churnguard.billing.' in line:
+                yield orjson.loads(line)
+
+
+def through_stripe(events: Iterator[Event]) -> Iterator[Event]:
+    """What ingest publishes for the same events sent as Stripe webhooks."""
+    for event in events:
+        mapped = map_event(to_stripe(event))
+        assert isinstance(mapped, MappedEvent), mapped
+        yield orjson.loads(mapped.event.model_dump_json(by_alias=True))
+
+
+def mrr_on(history: list[tuple[date, int]], day: date) -> int:
+    """A dated step function's value at the end of ``day`` (0 before its first step)."""
+    value = 0
+    for when, mrr in history:
+        if when > day:
+            break
+        value = mrr
+    return value
+
+
+@pytest.mark.parametrize("feed", ["simulator", "stripe"])
+def test_the_ledger_reproduces_the_simulators_mrr_to_the_cent(world: Path, feed: str) -> None:
+    """Every billing event of a simulated year through one ledger per account.
+
+    Each account's MRR (the deltas of its movements, by when they take effect) equals the
+    ground truth's MRR history at the end of every day either records within the period,
+    and at its start and end; churn hits the same accounts on the same day with the same
+    voluntary/involuntary kind. ``stripe`` feeds the same events as ingest publishes them
+    from the Stripe webhooks the simulator would send.
+    """
+    started = time.perf_counter()
+    events = billing_events(world)
+    if feed == "stripe":
+        events = through_stripe(events)
+    ledgers: dict[str, RevenueLedger] = {}
+    booked: dict[str, list[Event]] = defaultdict(list)
+    n_events = 0
+    for event in events:
+        n_events += 1
+        account = event["subject"]
+        ledger = ledgers.get(account) or ledgers.setdefault(account, RevenueLedger(account))
+        booked[account] += ledger.apply(event)
+    replay_s = time.perf_counter() - started
+
+    day0 = WORLD.start
+    end = day0 + timedelta(days=WORLD.days)  # the first day not simulated
+    truth = read_ground_truth(world)
+    assert set(booked) == {row["account_id"] for row in truth}
+    mismatches = []
+    kinds: Counter[str] = Counter()
+    churns: Counter[str] = Counter()
+    scheduled_beyond_end = 0
+    for row in truth:
+        account = row["account_id"]
+        movements = booked[account]
+        assert_valid_chain(movements)
+        kinds.update(m["data"]["kind"] for m in movements)
+        # the ledger's MRR over time: the deltas of its movements, by when each takes effect
+        steps: list[tuple[date, int]] = []
+        mrr = 0
+        for m in sorted(movements, key=lambda m: m["time"]):
+            mrr += m["data"]["delta"]
+            steps.append((date.fromisoformat(m["time"][:10]), mrr))
+        expected = [(date.fromisoformat(d), v) for d, v in row["mrr_history"]]
+        days = sorted({d for d, _ in expected} | {d for d, _ in steps} | {day0, end})
+        for day in (d for d in days if d < end):
+            if mrr_on(steps, day) != mrr_on(expected, day):
+                mismatches.append((account, day, mrr_on(steps, day), mrr_on(expected, day)))
+        before_day0 = day0 - timedelta(days=1)
+        assert mrr_on(steps, before_day0) == row["mrr_start"], account
+        assert mrr_on(steps, end - timedelta(days=1)) == row["mrr_end"], account
+        # churn: the same accounts, on the same day, voluntary or not, as the truth
+        churn = [m for m in movements if m["data"]["kind"] == "churn"]
+        assert len(churn) <= 1, churn
+        if row["cancel_date"] is None:
+            assert churn == [], account
+            continue
+        [movement] = churn
+        effective = date.fromisoformat(movement["time"][:10])
+        assert movement["data"]["cancellation"] == row["churn_kind"], account
+        if row["churned"]:
+            assert effective.isoformat() == row["churn_date"], account
+            churns[row["churn_kind"]] += 1
+        else:  # decided within the period, effective at a period end after it
+            assert effective >= end, account
+            scheduled_beyond_end += 1
+
+    churned = Counter(row["churn_kind"] for row in truth if row["churned"])
+    print(
+        f"\n{feed}: {len(truth)} accounts, {n_events} billing events, "
+        f"{sum(kinds.values())} movements {dict(sorted(kinds.items()))}, churned "
+        f"{dict(churns)} (+{scheduled_beyond_end} effective after the period), "
+        f"{len(mismatches)} mismatches, replay {replay_s:.2f} s"
+    )
+    assert mismatches == []
+    assert churns == churned
+    assert churned["voluntary"] > 0
+    assert churned["involuntary"] > 0
+    assert kinds["new"] == len(truth)  # every account has paid since its sign-up
+    assert kinds["reactivation"] == 0  # the simulator's churned customers do not come back
+    assert kinds["expansion"] > 0
+    assert kinds["contraction"] > 0
