@@ -884,6 +884,27 @@ async def test_real_time_pacing_sends_in_event_time_order(receiver: Receiver) ->
     assert times == sorted(times)
 
 
+async def test_real_time_pacing_sends_history_before_paced_from_at_once(
+    receiver: Receiver,
+) -> None:
+    """A world's opening subscriptions, dated up to two years before day 0, must not hold
+    a real-time replay back for (two years / speed)."""
+    step = timedelta(minutes=10)
+    history = [paid(f"old-{i}", f"acct_h{i}", T0 - timedelta(days=365 - 90 * i)) for i in range(3)]
+    paced = [nps(f"now-{i}", "acct_n", T0 + i * step) for i in range(4)]  # one lane: in order
+    speed = step.total_seconds() / 0.06
+    replay = replayer(receiver.url, speed=speed, paced_from=T0)
+    started = time.monotonic()
+    stats = await replay.replay(history + paced)
+    elapsed = time.monotonic() - started
+    assert_clean(stats, receiver.recorder, 7)
+    arrived = [i for r in receiver.recorder.received for i in r.ids]
+    assert sorted(arrived) == sorted(wire_id(e) for e in history + paced)
+    assert [i for i in arrived if i.startswith("now-")] == [wire_id(e) for e in paced]
+    assert 0.15 <= elapsed < 10  # 3 gaps of 60 ms; the year of history costs nothing
+    assert stats.max_lag_s < 5
+
+
 async def test_fast_mode_keeps_each_accounts_order_across_endpoints(receiver: Receiver) -> None:
     makers = [track, track, nps, seats, paid, track]
     events = [

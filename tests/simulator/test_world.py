@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -17,7 +18,14 @@ from churnguard.common.events import event_class_for
 from churnguard.common.topics import Topic
 from churnguard.simulator import catalogue as cat
 from churnguard.simulator.baseline import auc, evaluate
-from churnguard.simulator.output import EVENTS, GROUND_TRUTH, SUMMARY, realism, write_world
+from churnguard.simulator.output import (
+    EVENTS,
+    GROUND_TRUTH,
+    SUMMARY,
+    read_ground_truth,
+    realism,
+    write_world,
+)
 from churnguard.simulator.world import SimConfig, World
 
 # the ranges docs/simulator.md documents, with their sources
@@ -210,6 +218,37 @@ def test_realism_figures_from_a_hand_made_world() -> None:
     assert r.grr == pytest.approx(1000 / 2000)
     assert r.nps == pytest.approx(25.0)
     assert r.monthly_logo_churn == pytest.approx(1 / ((365 + 182) / 30.44))
+
+
+def test_subscription_events_give_every_accounts_mrr_in_time_order(tmp_path: Path) -> None:
+    """Following the stream in time order, a consumer knows each account's MRR all along.
+
+    Every account's first subscription event is its creation, dated at its sign-up, also for
+    customers who signed up before day 0; each change builds on the one before it. Seed 9
+    once stamped a day's second change of an account before its first (changes are decided
+    in order but drawn at random seconds), which a time-ordered consumer cannot undo.
+    """
+    folder = world_to(tmp_path, accounts=300, days=365, seed=9)
+    truth = {row["account_id"]: row for row in read_ground_truth(folder)}
+    last: dict[str, dict[str, Any]] = {}
+    with (folder / EVENTS).open("rb") as f:
+        for line in f:
+            if b'"churnguard.billing.subscription_' not in line:
+                continue
+            event = orjson.loads(line)
+            account, data, kind = event["subject"], event["data"], event["type"].split(".")[-1]
+            before = last.get(account)
+            if kind == "subscription_created":
+                assert before is None, event
+                assert event["time"][:10] == truth[account]["signup_date"]
+                assert data["mrr"] == truth[account]["mrr_history"][0][1]
+            else:
+                assert before is not None, f"{kind} before the subscription exists: {event}"
+                assert before["type"] != "churnguard.billing.subscription_cancelled", event
+                expected = data["previous_mrr"] if kind == "subscription_updated" else data["mrr"]
+                assert expected == before["data"]["mrr"], (before, event)
+            last[account] = event
+    assert set(last) == set(truth)
 
 
 def test_revenue_moves_include_seats_plans_and_add_ons(tmp_path: Path) -> None:

@@ -193,13 +193,15 @@ Delivery
 
 Fast mode (``speed=None``) sends as fast as ingest accepts. Real-time mode sends each
 event at ``real_start + (event_time - sim_start) / speed`` (``speed`` = simulated seconds
-per real second). Events are spread over ``max_in_flight`` lanes by account (crc32 of
-the account id), each lane sending one request at a time: one account's events reach
-ingest in stream order, across endpoints and through retries, and at most
-``max_in_flight`` requests are in flight. A lane collects consecutive Segment messages into
-one batch until it is full, the lane has nothing more queued, or a native or Stripe event
-of the lane comes next (batches grow by themselves while a lane waits for a response;
-a replay of usage events alone sends full batches).
+per real second), where ``sim_start`` is the time of the first event not before
+``paced_from``; events dated before ``paced_from`` (history, such as the subscriptions of
+customers who signed up before the simulated period) are sent at once. Events are spread
+over ``max_in_flight`` lanes by account (crc32 of the account id), each lane sending one
+request at a time: one account's events reach ingest in stream order, across endpoints and
+through retries, and at most ``max_in_flight`` requests are in flight. A lane collects
+consecutive Segment messages into one batch until it is full, the lane has nothing more
+queued, or a native or Stripe event of the lane comes next (batches grow by themselves
+while a lane waits for a response; a replay of usage events alone sends full batches).
 
 Responses: 2xx is success. 429, 408, 5xx and connection errors/timeouts are retried, up
 to 5 tries in all, after ``Retry-After`` (seconds or an HTTP date) when given, else an
@@ -952,7 +954,8 @@ class HttpReplay:
     """Sends a time-ordered stream of canonical events to ingest (see the module docstring).
 
     ``speed=None`` sends as fast as ingest accepts; otherwise ``speed`` simulated seconds
-    pass per real second (8640: a simulated day every 10 s).
+    pass per real second (8640: a simulated day every 10 s), from the first event dated at
+    or after ``paced_from`` on; events dated before it are sent at once.
     """
 
     def __init__(
@@ -970,6 +973,7 @@ class HttpReplay:
         backoff_max_s: float = 30.0,
         on_progress: ProgressCallback | None = None,
         progress_interval_s: float = 0.25,
+        paced_from: datetime | None = None,
     ) -> None:
         if speed is not None and speed <= 0:
             raise ValueError("speed must be positive, or None for as fast as possible")
@@ -987,6 +991,7 @@ class HttpReplay:
         self.backoff_max_s = backoff_max_s
         self.on_progress = on_progress
         self.progress_interval_s = progress_interval_s
+        self.paced_from = paced_from
         self._basic = "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()
         self._version = _library_version()
         self._user_agent = f"{LIBRARY_NAME}/{self._version}"
@@ -1059,9 +1064,9 @@ class HttpReplay:
             except (KeyError, TypeError, ValueError) as exc:
                 stats.add_rejected(1, f"event {event.get('id')!r} not replayable: {exc}")
                 continue
-            if clock.sim_start is None:
-                clock.sim_start, clock.real_start = at, time.monotonic()
-            if self.speed is not None:
+            if self.speed is not None and (self.paced_from is None or at >= self.paced_from):
+                if clock.sim_start is None:
+                    clock.sim_start, clock.real_start = at, time.monotonic()
                 due = clock.real_start + (at - clock.sim_start).total_seconds() / self.speed
                 delay = due - time.monotonic()
                 if delay > 0:

@@ -3,7 +3,8 @@
 A world written with ``--to DIR`` is:
 
 * ``events.jsonl``: every event, one structured CloudEvent per line, in time order
-  (what ingest would publish; validates against the registry's models);
+  (what ingest would publish; validates against the registry's models), opening with the
+  ``subscription_created`` of the customers who signed up before day 0, dated then;
 * ``events.parquet``: the same, when pyarrow is installed (columns ``id``, ``type``,
   ``time``, ``subject`` and ``data`` as JSON text);
 * ``ground_truth.jsonl``: one line per account: segment, plan, hidden persona, signup,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -37,5 +38,9 @@ def replay_world(
     on_day: Callable[[int, DayOutput], None] | None = None,
 ) -> ReplayStats:
     """Run the world to its end, sending each event as its producer would."""
-    replay = HttpReplay(url, write_key=write_key, stripe_secret=stripe_secret, speed=speed)
+    # the world's day 0 starts the clock; the subscriptions of earlier customers go at once
+    day0 = datetime.combine(world.config.start, datetime.min.time(), UTC)
+    replay = HttpReplay(
+        url, write_key=write_key, stripe_secret=stripe_secret, speed=speed, paced_from=day0
+    )
     return asyncio.run(replay.replay(_events(world, on_day)))

@@ -16,7 +16,10 @@ one ``numpy.random.Generator`` drives everything, in a fixed order, and event id
 counter.
 
 Time: day 0 is ``SimConfig.start``; existing customers signed up in the two years
-before it; new customers sign up during the run.
+before it (the stream opens with their ``subscription_created``, dated at sign-up, as a
+backfill from the billing system would give them); new customers sign up during the run.
+One account's subscription events are stamped in the order they build on each other, so
+the stream gives every account's MRR at every moment, as the ground truth records it.
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ class DayOutput:
     day: int
     date: date
     lines: list[bytes]
-    """That day's events as structured CloudEvents JSON, in time order."""
+    """That day's events as structured CloudEvents JSON, in time order. Day 0's begin with
+    the subscriptions of the customers who signed up before it, dated at their sign-up."""
 
 
 @dataclass
@@ -104,6 +108,7 @@ class World:
         self._ticket_closes: dict[int, list[tuple[int, str, bool]]] = defaultdict(list)
         self._buffer = _Buffer()
         self._card_update_boost = np.ones(self.n)
+        self._subscription_sec: dict[int, int] = {}
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -211,18 +216,24 @@ class World:
     def _emit(
         self, sec: int, prefix: str, type_: str, source: str, acct: int, data: dict[str, Any]
     ) -> None:
+        line = self._line(self._time(sec), prefix, type_, source, acct, data)
+        self._buffer.rows.append((sec, self._counter, line))
+
+    def _line(
+        self, time: str, prefix: str, type_: str, source: str, acct: int, data: dict[str, Any]
+    ) -> bytes:
         event = {
             "specversion": "1.0",
             "id": self._id(prefix),
             "source": source,
             "type": type_,
-            "time": self._time(sec),
+            "time": time,
             "subject": self.account_ids[acct],
             "datacontenttype": "application/json",
             "schemaversion": 1,
             "data": data,
         }
-        self._buffer.rows.append((sec, self._counter, orjson.dumps(event)))
+        return orjson.dumps(event)
 
     def _user(self, acct: int, j: int) -> str:
         return f"{self.account_ids[acct]}_u{j}"
@@ -241,6 +252,20 @@ class World:
     def _sec(self) -> int:
         return int(self.rng.integers(6 * 3600, 22 * 3600))
 
+    def _subscription_change_sec(self, a: int, sec: int) -> int:
+        """``sec``, or the second of the account's previous subscription change today if later.
+
+        A day's changes are decided in a fixed order (sign-up, seats, plan, add-on, dunning,
+        cancellation), each building on the one before, but their seconds are drawn at
+        random. Without this an expansion could be stamped before its sign-up, or a
+        cancellation before the upgrade whose MRR it carries, and a consumer that follows
+        the billing system's time order (as it must) would end on a stale MRR. Equal
+        seconds keep the decision order: a day's events are sorted by (second, sequence).
+        """
+        sec = max(sec, self._subscription_sec.get(a, sec))
+        self._subscription_sec[a] = sec
+        return sec
+
     # -- the day ---------------------------------------------------------------------------
 
     def run(self) -> Iterator[DayOutput]:
@@ -253,6 +278,8 @@ class World:
         today = self.config.start + timedelta(days=d)
         self._date = today
         self._date_iso = today.isoformat()
+        self._subscription_sec = {}
+        opening = self._opening_subscriptions() if d == 0 else []
         self._signups(d)
         alive = np.flatnonzero((self.state == ACTIVE) | (self.state == PENDING))
         self._satisfaction(d, alive)
@@ -268,13 +295,41 @@ class World:
         rows.sort(key=lambda r: (r[0], r[1]))
         self._buffer = _Buffer()
         self.day += 1
-        return DayOutput(d, today, [r[2] for r in rows])
+        return DayOutput(d, today, opening + [r[2] for r in rows])
+
+    def _opening_subscriptions(self) -> list[bytes]:
+        """``subscription_created`` of each customer who signed up before day 0, dated then.
+
+        The billing system holds these subscriptions before the simulated period, and a
+        backfill of its subscriptions hands them over when churnguard is connected. Without
+        them nothing in the stream says what the existing customers pay: MRR and tenure
+        would be known only for customers who sign up or change during the period. The
+        second of the day is spread over business hours without the random generator, so
+        the rest of the world does not depend on them.
+        """
+        existing = np.flatnonzero(self.signup_day < 0)
+        secs = 6 * 3600 + (existing * 7919) % (16 * 3600)
+        lines = []
+        for i in np.lexsort((existing, secs, self.signup_day[existing])).tolist():
+            a, sec = int(existing[i]), int(secs[i])
+            signup = self.config.start + timedelta(days=int(self.signup_day[a]))
+            lines.append(
+                self._line(
+                    f"{signup.isoformat()}T{_HMS[sec]}Z",
+                    "sub",
+                    "churnguard.billing.subscription_created",
+                    "/simulator/billing",
+                    a,
+                    self._subscription(a, "active"),
+                )
+            )
+        return lines
 
     def _signups(self, d: int) -> None:
         for a in np.flatnonzero((self.state == NOT_YET) & (self.signup_day == d)).tolist():
             self.state[a] = ACTIVE
             self.mrr_history[a].append((d, int(self.mrr[a])))
-            sec = self._sec()
+            sec = self._subscription_change_sec(a, self._sec())
             self._emit(
                 sec,
                 "sub",
@@ -479,11 +534,12 @@ class World:
         previous = self._subscription(a, "active")
         self.seats[a] += delta
         self.users[a] = min(self.users[a], self.seats[a])
-        sec = self._sec()
-        self._change_mrr(d, a, previous, sec)
+        sec = self._change_mrr(d, a, previous, self._sec())
         self._seats_changed(a, sec)
 
-    def _change_mrr(self, d: int, a: int, previous: dict[str, Any], sec: int) -> None:
+    def _change_mrr(self, d: int, a: int, previous: dict[str, Any], sec: int) -> int:
+        """Book the subscription's new MRR; returns the second it is stamped with."""
+        sec = self._subscription_change_sec(a, sec)
         self.mrr[a] = int(self.seats[a]) * int(cat.PRICE_BY_PLAN[self.plan[a]]) + int(self.addon[a])
         self.mrr_history[a].append((d, int(self.mrr[a])))
         data = self._subscription(a, "active") | {
@@ -494,6 +550,7 @@ class World:
         self._emit(
             sec, "sub", "churnguard.billing.subscription_updated", "/simulator/billing", a, data
         )
+        return sec
 
     def _seats_changed(self, a: int, sec: int) -> None:
         self._emit(
@@ -793,6 +850,7 @@ class World:
         self, d: int, a: int, kind: str, reason: str, sec: int, *, effective_now: bool
     ) -> None:
         today = self.config.start + timedelta(days=d)
+        sec = self._subscription_change_sec(a, sec)
         effective = today if effective_now else self._period_end(a, today)
         data = self._subscription(a, "canceled" if effective_now else "active") | {
             "cancellation": kind,
