@@ -1,4 +1,4 @@
-"""A small simulated world and its training set, built once per run."""
+"""A small simulated world, its training set and a model trained on it, built once per run."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from churnguard.scoring.modeling import TrainedModel, train
 from churnguard.scoring.training import TrainingSet, build_training_set
 from churnguard.simulator.output import write_world
 from churnguard.simulator.world import SimConfig, World
@@ -22,3 +23,8 @@ def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_training_set(small_world: Path) -> TrainingSet:
     return build_training_set(small_world)
+
+
+@pytest.fixture(scope="session")
+def small_model(small_training_set: TrainingSet) -> TrainedModel:
+    return train(*small_training_set.split_by_account())
