@@ -367,6 +367,34 @@ def test_unknown_types_are_ignored_and_bad_data_is_refused() -> None:
         state.apply(event("feedback.nps_submitted", D, {"user_id": "u"}))
 
 
+def test_times_with_an_offset_count_in_their_utc_day() -> None:
+    state = AccountState()
+    evening = used(D) | {"time": f"{D.isoformat()}T20:30:00-05:00"}  # 01:30 UTC the day after
+    state.apply(evening)
+    state.apply(used(D) | {"time": f"{D.isoformat()}T10:00:00+00:00"})
+    assert state.daily_uses(D + timedelta(days=1), 2) == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"user_id": "u", "feature": "api", "count": 0},
+        {"user_id": "u", "feature": "api", "count": "3"},
+        {"user_id": "u", "feature": "api", "count": 1.5},
+        {"user_id": "u", "feature": 7},
+        {"user_id": None, "feature": "api"},
+    ],
+)
+def test_a_malformed_usage_event_changes_no_window(data: dict[str, Any]) -> None:
+    state = state_of(used(D, count=2))
+    before = state.features(D + timedelta(days=1))
+    with pytest.raises(InvalidEventError):
+        state.apply(event("usage.feature_used", D + timedelta(days=1), data))
+    assert state.features(D + timedelta(days=1)) == before
+    with pytest.raises(InvalidEventError):
+        state.apply(used(D) | {"time": ""})
+
+
 @pytest.mark.parametrize("path", example_files(), ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_registry_example_applies(path: Any) -> None:
     example = json.loads(path.read_text())

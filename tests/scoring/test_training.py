@@ -129,3 +129,22 @@ def test_split_by_account_keeps_accounts_apart(small_training_set: TrainingSet) 
     assert 0.15 < len(test) / len(small_training_set) < 0.35
     assert train.features.shape == (len(train), len(FEATURE_NAMES))
     assert np.isfinite(small_training_set.features).all()
+
+
+def test_split_out_of_time_trains_only_on_labels_known_before_the_test() -> None:
+    days = np.array([date(2025, m, 1).toordinal() for m in (1, 2, 3, 4, 5, 6)] * 200)
+    accounts = [f"acct_{i // 6}" for i in range(len(days))]
+    data = TrainingSet(
+        accounts=accounts,
+        days=days,
+        features=np.zeros((len(days), len(FEATURE_NAMES)), dtype=np.float32),
+        labels=np.zeros(len(days)),
+        horizon_days=90,
+        source="w",
+    )
+    since = date(2025, 5, 1)
+    train, test = data.split_by_account(since=since)
+    assert not set(train.accounts) & set(test.accounts)
+    assert train.snapshot_dates == [date(2025, 1, 1)]  # Feb 1 + 90 days is past May 1
+    assert test.snapshot_dates == [date(2025, 5, 1), date(2025, 6, 1)]
+    assert "snapshots from 2025-05-01" in test.source

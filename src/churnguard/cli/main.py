@@ -381,7 +381,10 @@ def model_train(
     ] = None,
     test_since: Annotated[
         str | None,
-        typer.Option(help="Test on snapshots from this date (YYYY-MM-DD) on: an out-of-time test"),
+        typer.Option(
+            help="Test on snapshots from this date (YYYY-MM-DD) on: an out-of-time test "
+            "(without --test, train also stops on the snapshots whose horizon ends by then)"
+        ),
     ] = None,
     horizon: Annotated[int, typer.Option(help="Days after a snapshot a cancellation counts")] = 90,
     every: Annotated[int, typer.Option(help="Days between snapshots")] = 30,
@@ -401,9 +404,7 @@ def model_train(
 
     train_set = replay(train)
     if test is None:
-        if since is not None:
-            train_set = train_set.subset(train_set.days < since.toordinal())
-        train_set, test_set = train_set.split_by_account()
+        train_set, test_set = train_set.split_by_account(since=since)
     else:
         test_set = replay(test, since)
     console.print(f"train: {train_set.describe()}\ntest:  {test_set.describe()}")

@@ -33,7 +33,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime
 from functools import lru_cache
 from typing import Any, Final
 
@@ -116,11 +116,17 @@ _FEATURE_USED: Final = "churnguard.usage.feature_used"
 
 
 def day_ordinal(time: str) -> int:
-    """The proleptic ordinal of an ISO-8601 time's date (its first ten characters).
+    """The proleptic ordinal of the UTC date of an ISO-8601 time.
 
-    Cached by that prefix: a stream holds few distinct days, so the cost per event is a
-    dict lookup. Times are expected in UTC (``...Z``), as the simulator and ingest write.
+    A UTC time (``...Z``, as the simulator and pydantic write them) is looked up by its
+    date prefix: a stream holds few distinct days, so that costs one dict lookup. A time
+    with another offset is parsed and converted to UTC first.
     """
+    if time[-1:] != "Z" and len(time) > 10 and not time.endswith("+00:00"):
+        moment = datetime.fromisoformat(time)
+        if moment.tzinfo is not None:
+            moment = moment.astimezone(UTC)
+        return moment.toordinal()
     prefix = time[:10]
     ordinal = _DAY_ORDINALS.get(prefix)
     if ordinal is None:
@@ -266,7 +272,7 @@ class AccountState:
         try:
             data = event["data"]
             time = event["time"]
-            day = _DAY_ORDINALS.get(time[:10])
+            day = _DAY_ORDINALS.get(time[:10]) if time[-1] == "Z" else None
             if day is None:
                 day = day_ordinal(time)
             if day > self.max_day:
@@ -278,8 +284,11 @@ class AccountState:
                 self.first_day = day
             user_hash = zlib.crc32(data["user_id"].encode())
             feature = data["feature"]
-            self.uses[day % RING_DAYS] += data.get("count", 1)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            count = data.get("count", 1)
+            if type(feature) is not str or type(count) is not int or count < 1:
+                raise TypeError(f"feature {feature!r} and count {count!r}: a name, a count >= 1")
+            self.uses[day % RING_DAYS] += count
+        except (LookupError, TypeError, ValueError, AttributeError) as exc:
             raise InvalidEventError(
                 f"{kind} {event.get('id')}: {type(exc).__name__}: {exc}"
             ) from exc
@@ -315,7 +324,7 @@ class AccountState:
             elif day < self.first_day:
                 self.first_day = day
             handler(self, event["data"], day)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (LookupError, TypeError, ValueError, AttributeError) as exc:
             raise InvalidEventError(
                 f"{event.get('type')} {event.get('id')}: {type(exc).__name__}: {exc}"
             ) from exc

@@ -74,14 +74,25 @@ class TrainingSet:
             source=source or self.source,
         )
 
-    def split_by_account(self, test_share: float = 0.25) -> tuple[TrainingSet, TrainingSet]:
-        """Train/test by a stable hash of the account id: no account lands in both."""
+    def split_by_account(
+        self, test_share: float = 0.25, since: date | None = None
+    ) -> tuple[TrainingSet, TrainingSet]:
+        """Train/test by a stable hash of the account id: no account lands in both.
+
+        With ``since``, out of time as well: the test keeps the snapshots from ``since``
+        on, the training the snapshots whose horizon ended by then (labels known then).
+        """
         bucket = np.array([zlib.crc32(a.encode()) % 1000 for a in self.accounts])
         test = bucket < int(test_share * 1000)
-        return (
-            self.subset(~test, f"{self.source} ({1 - test_share:.0%} of accounts)"),
-            self.subset(test, f"{self.source} (other {test_share:.0%} of accounts)"),
-        )
+        train = ~test
+        train_source = f"{self.source} ({1 - test_share:.0%} of accounts"
+        test_source = f"{self.source} (other {test_share:.0%} of accounts"
+        if since is not None:
+            test &= self.days >= since.toordinal()
+            train &= self.days + self.horizon_days <= since.toordinal()
+            train_source += f", snapshots before {since}"
+            test_source += f", snapshots from {since}"
+        return self.subset(train, train_source + ")"), self.subset(test, test_source + ")")
 
     def describe(self) -> str:
         dates = self.snapshot_dates
