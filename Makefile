@@ -11,7 +11,10 @@ export UV_PYTHON_DOWNLOADS := never
 PYTEST_ARGS ?=
 BENCH ?=
 
-.PHONY: install demo test bench lint format schemas clean
+MODEL_WORLDS ?= .dev/model
+DEFAULT_MODEL := services/scoring/src/churnguard/scoring/models/default.onnx
+
+.PHONY: install demo test bench lint format schemas model clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -48,6 +51,14 @@ format: install
 ## schemas: regenerate the checked-in JSON Schemas from the event models
 schemas: install
 	$(BIN)/churnguard schemas export
+
+## model: the shipped churn model, from scratch: simulate a training world (seed 1, 2,000
+## accounts x 365 days) and a test world (seed 2, 545 days, tested from its second year on)
+model: install
+	$(BIN)/churnguard simulate --to $(MODEL_WORLDS)/world-seed1 --seed 1 --accounts 2000 --days 365 --no-parquet
+	$(BIN)/churnguard simulate --to $(MODEL_WORLDS)/world-seed2 --seed 2 --accounts 2000 --days 545 --no-parquet
+	$(BIN)/churnguard model train --train $(MODEL_WORLDS)/world-seed1 \
+		--test $(MODEL_WORLDS)/world-seed2 --test-since 2026-01-01 --out $(DEFAULT_MODEL)
 
 clean:
 	-$(BIN)/churnguard dev down

@@ -12,6 +12,7 @@ BENCHMARKS = {
     "envelope": "bench.envelope",
     "simulate": "bench.simulate",
     "ingest": "bench.ingest",
+    "features": "bench.features",
 }
 
 

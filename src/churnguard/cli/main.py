@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,7 +34,9 @@ app.add_typer(dev, name="dev")
 app.add_typer(topics, name="topics")
 app.add_typer(schemas, name="schemas")
 app.add_typer(db, name="db")
-model = typer.Typer(help="Churn models: baselines and (later) training.", no_args_is_help=True)
+model = typer.Typer(
+    help="Churn models: train, evaluate, and the simulator's baseline.", no_args_is_help=True
+)
 app.add_typer(model, name="model")
 
 
@@ -328,6 +331,128 @@ def model_baseline(
     for name, value in sorted(report.single_feature_auc.items(), key=lambda kv: -kv[1]):
         table.add_row(f"AUC, {name} alone", f"{value:.3f}")
     console.print(table)
+
+
+def _date_option(value: str | None) -> date | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a date (YYYY-MM-DD)") from None
+
+
+def _figures_table(evaluation: Any) -> Table:
+    table = Table(
+        "figure (held-out rows)",
+        "model",
+        "rules baseline",
+        title=evaluation.data,
+        title_justify="left",
+    )
+    model_figures, rules = evaluation.model.as_dict(), evaluation.rules_baseline.as_dict()
+    better = {"roc_auc": max, "pr_auc": max, "brier": min, "top_decile_lift": max}
+    labels = {
+        "roc_auc": "ROC AUC",
+        "pr_auc": "PR AUC (average precision)",
+        "brier": "Brier score (lower is better)",
+        "top_decile_lift": "lift in the top decile",
+    }
+    for key, label in labels.items():
+        m, r = model_figures[key], rules[key]
+        best = better[key](m, r)
+        table.add_row(
+            label,
+            f"[bold]{m:.3f}[/]" if m == best else f"{m:.3f}",
+            f"[bold]{r:.3f}[/]" if r == best else f"{r:.3f}",
+        )
+    return table
+
+
+@model.command("train")
+def model_train(
+    train: Annotated[Path, typer.Option(help="A history folder (`churnguard simulate --to`)")],
+    out: Annotated[Path, typer.Option(help="Where to write the ONNX artifact")],
+    test: Annotated[
+        Path | None,
+        typer.Option(
+            help="A folder to evaluate on (another seed); default: 25% of train's accounts"
+        ),
+    ] = None,
+    test_since: Annotated[
+        str | None,
+        typer.Option(
+            help="Test on snapshots from this date (YYYY-MM-DD) on: an out-of-time test "
+            "(without --test, train also stops on the snapshots whose horizon ends by then)"
+        ),
+    ] = None,
+    horizon: Annotated[int, typer.Option(help="Days after a snapshot a cancellation counts")] = 90,
+    every: Annotated[int, typer.Option(help="Days between snapshots")] = 30,
+    warmup: Annotated[int, typer.Option(help="Days of history before the first snapshot")] = 60,
+) -> None:
+    """Train the churn model on one history, evaluate it beside the rules baseline, write ONNX."""
+    from churnguard.scoring.modeling import train as fit
+    from churnguard.scoring.training import TrainingSet, build_training_set
+
+    since = _date_option(test_since)
+
+    def replay(folder: Path, since: date | None = None) -> TrainingSet:
+        with err.status(f"replaying {folder} …"):
+            return build_training_set(
+                folder, horizon_days=horizon, every_days=every, warmup_days=warmup, since=since
+            )
+
+    train_set = replay(train)
+    if test is None:
+        train_set, test_set = train_set.split_by_account(since=since)
+    else:
+        test_set = replay(test, since)
+    console.print(f"train: {train_set.describe()}\ntest:  {test_set.describe()}")
+    with err.status("training …"):
+        trained = fit(train_set, test_set)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".tmp")
+    partial.write_bytes(trained.onnx)
+    partial.replace(out)  # atomic: a ModelWatcher never reads half a file
+    console.print(_figures_table(trained.evaluation))
+    console.print(f"wrote {out} ({len(trained.onnx) / 1024:.0f} KiB), version {trained.version}")
+
+
+@model.command("evaluate")
+def model_evaluate(
+    data: Annotated[Path, typer.Option(help="A history folder (`churnguard simulate --to`)")],
+    model_path: Annotated[
+        Path | None, typer.Option("--model", help="An ONNX artifact; default: the shipped one")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only snapshots from this date (YYYY-MM-DD) on")
+    ] = None,
+    every: Annotated[int, typer.Option(help="Days between snapshots")] = 30,
+    warmup: Annotated[int, typer.Option(help="Days of history before the first snapshot")] = 60,
+) -> None:
+    """Evaluate a model and the rules baseline on any history (its horizon, its features)."""
+    from churnguard.scoring.model import DEFAULT_MODEL_PATH, ChurnModel, ModelError
+    from churnguard.scoring.modeling import evaluate
+    from churnguard.scoring.training import build_training_set
+
+    try:
+        churn_model = ChurnModel.load(model_path or DEFAULT_MODEL_PATH)
+    except ModelError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    with err.status(f"replaying {data} …"):
+        data_set = build_training_set(
+            data,
+            horizon_days=churn_model.horizon_days or 90,
+            every_days=every,
+            warmup_days=warmup,
+            since=_date_option(since),
+        )
+    if data_set.positives == 0:
+        err.print(f"[red]no cancellations in {data_set.describe()}: nothing to evaluate[/]")
+        raise typer.Exit(1)
+    console.print(f"model {churn_model.version}: {churn_model.trained_on}")
+    console.print(_figures_table(evaluate(churn_model, data_set)))
 
 
 @contextlib.contextmanager
