@@ -13,6 +13,7 @@ BENCHMARKS = {
     "simulate": "bench.simulate",
     "ingest": "bench.ingest",
     "features": "bench.features",
+    "scoring": "bench.scoring",
 }
 
 

@@ -188,7 +188,7 @@ class Supervisor:
         return "\n".join(
             [
                 f"  ingest API      http://{s.host}:{s.ingest_port}/docs",
-                f"  scoring         http://{s.host}:{s.scoring_port}/accounts/<id>/usage-count",
+                f"  scoring         http://{s.host}:{s.scoring_port}/accounts/<id>",
                 f"  metrics         http://{s.host}:{s.ingest_port}/metrics, "
                 f"http://{s.host}:{s.scoring_port}/metrics",
                 f"  Kafka           {s.kafka_bootstrap}",

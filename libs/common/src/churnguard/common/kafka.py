@@ -215,12 +215,20 @@ class DeadLetters:
         self.breaker = breaker
 
     async def reject(
-        self, record: ConsumedRecord, *, dead_letter_topic: str, reason: str, error: str
+        self,
+        record: ConsumedRecord,
+        *,
+        dead_letter_topic: str,
+        reason: str,
+        error: str,
+        value: bytes | None = None,
     ) -> None:
+        """Dead-letter ``record`` (or, with ``value``, one event of it: an envelope's
+        event that could not be used while the rest of the envelope was)."""
         await self.send(
             dead_letter_topic,
             record.key,
-            record.value,
+            record.value if value is None else value,
             dead_letter_headers(
                 topic=record.topic,
                 partition=record.partition,

@@ -1,34 +1,55 @@
-"""The scoring Faust application.
+"""The scoring Faust application: the engine (``engine.py``) wired to Kafka.
 
-Processing guarantee: at-least-once. Faust commits a record's offset after the agent
-has finished with it; table writes go to the changelog through the same producer
-before the commit, so after a crash the table is rebuilt from its changelog and the
-records after the last commit are processed again.
+Processing guarantee: at-least-once, made exact in effect. Faust commits a record's
+offset only after the agent finished with it, every ``commit_interval_s``. Just before
+each commit (a Faust sensor hook) the dirty state buckets go to the changelog, and the
+commit first flushes the producer, so Kafka holds the state of every record whose offset
+is committed. After a crash the worker restores the buckets and processes the records
+after the last commit again; the revenue movements and signals they make carry the same
+deterministic ids as before, which consumers drop as duplicates.
 
-For now the agent keeps one feature, the count of usage events per account, to prove
-the path envelope → table → query end to end; the rolling features and the model
-replace it in the scoring issue.
+Inputs: ``events.usage``, ``events.billing``, ``events.feedback`` (partition envelopes;
+partition *p* of each topic holds the same accounts, so one worker owns all their
+events). Outputs: ``accounts.scores`` (compacted, keyed by account), ``accounts.signals``,
+``revenue.movements``. Unusable records and events go to the source topic's dead-letter
+topic with the reason.
+
+Scaling: one worker per partition at most (``CHURNGUARD_SCORING_PARTITIONS``, the source
+topics' partition count); more workers than partitions stand idle.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
-from collections import Counter
+import time
 from typing import Any
 
 import faust
+import orjson
+from faust.types import TP
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from churnguard.common import envelope, metrics
 from churnguard.common.kafka import DeadLetterBreaker, DeadLetterBreakerTripped, DeadLetters
 from churnguard.common.topics import Topic
+from churnguard.scoring import scoring_metrics as sm
+from churnguard.scoring.engine import BUCKETS, Output, ScoringEngine, TimeAligner, bucket_key
+from churnguard.scoring.model import ModelWatcher
 from churnguard.scoring.settings import ScoringSettings
 
 log = logging.getLogger(__name__)
 
 CONSUMER_NAME = "scoring"
+SOURCES = (Topic.USAGE, Topic.BILLING, Topic.FEEDBACK)
+OUTPUT_TOPICS = {
+    "scores": Topic.SCORES,
+    "signals": Topic.SIGNALS,
+    "revenue": Topic.REVENUE_MOVEMENTS,
+}
+HEADERS = [("content-type", b"application/cloudevents+json")]
 
 
 def create_app(settings: ScoringSettings | None = None) -> faust.App:
@@ -47,22 +68,94 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
         broker_rebalance_timeout=settings.rebalance_timeout_s,
         broker_session_timeout=settings.session_timeout_s,
         producer_acks=-1,
+        producer_compression_type="zstd",
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
         web_host=settings.web_host,
         web_port=settings.web_port,
         web_in_thread=False,
         consumer_auto_offset_reset="earliest",
+        stream_buffer_maxsize=settings.stream_buffer,
     )
-
-    usage_topic = app.topic(
-        Topic.USAGE.name_in(prefix),
+    sources = app.topic(
+        *(t.name_in(prefix) for t in SOURCES),
         key_type=bytes,
         value_type=bytes,
         key_serializer="raw",
         value_serializer="raw",
     )
-    usage_counts = app.Table("usage-event-counts", default=int, partitions=settings.partitions)
+    dead_letter_of = {t.name_in(prefix): t.dead_letter_in(prefix) for t in SOURCES}
+    state_table = app.Table(
+        "account-state",
+        default=None,
+        partitions=settings.partitions,
+        key_type=bytes,
+        value_type=bytes,
+    )
+    # buckets are opaque bytes: no JSON around them (set before the changelog topic exists)
+    state_table.key_serializer = state_table.value_serializer = "raw"
+    started = time.monotonic()
+    watcher = ModelWatcher(settings.model_path)
+    engine = ScoringEngine(watcher, buckets=settings.buckets)
+    loaded: set[int] = set()
+    ready_at: list[float] = []
+    sm.MODEL_VERSION.info({"version": watcher.current.version})
+
+    # -- durability: a record is acknowledged once the state with its events is in Kafka ---
+
+    unacked: list[Any] = []  # consumed records whose events are all applied
+    in_flight: list[Any] = []  # delivery futures of outputs sent since the last persist
+
+    async def persist() -> None:
+        """Dirty buckets to the changelog, outputs delivered, then the acknowledgements.
+
+        Faust commits only acknowledged offsets, so after a crash every record either is
+        in the restored state or is consumed again; a half-applied record is skipped up
+        to where each bucket's state got (``PartitionState.restored``)."""
+        acks = unacked[:]
+        unacked.clear()
+        futures = in_flight[:]
+        in_flight.clear()
+        written: list[tuple[int, int]] = []
+        changelog = state_table.changelog_topic.get_topic_name()
+        try:
+            for partition, bucket, blob in engine.take_dirty():  # no await in between
+                written.append((partition, bucket))
+                key = bucket_key(partition, bucket).encode()
+                state_table.data[key] = blob
+                futures.append(await app.producer.send(changelog, key, blob, partition, None, None))
+                sm.STATE_BYTES.observe(len(blob))
+            await asyncio.gather(*futures)
+        except Exception:
+            log.exception("state not persisted; retrying at the next interval")
+            for partition, bucket in written:  # written again next time
+                engine.partition(partition).dirty.add(bucket)
+            unacked[:0] = acks
+            return
+        sm.STATE_WRITES.inc(len(written))
+        for record in acks:
+            record.ack()
+
+    def load_partition(partition: int) -> None:
+        if partition in loaded:
+            return
+        t0 = time.perf_counter()
+        n = 0
+        for bucket in range(settings.buckets):
+            blob = state_table.data.get(bucket_key(partition, bucket).encode())
+            if blob:
+                n += engine.load_bucket(partition, blob)
+        loaded.add(partition)
+        log.info(
+            "partition %d: %d accounts restored in %.2f s", partition, n, time.perf_counter() - t0
+        )
+
+    def assigned_partitions() -> set[int]:
+        name = Topic.USAGE.name_in(prefix)
+        return {tp.partition for tp in app.consumer.assignment() if tp.topic == name}
+
+    # -- dead letters ----------------------------------------------------------------------
+
     dead_letter_topics: dict[str, faust.TopicT] = {}
 
     async def send_dead_letter(
@@ -81,49 +174,171 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
         DeadLetterBreaker(platform.dead_letter_max_ratio, platform.dead_letter_window),
     )
 
+    async def stop_if_tripped() -> None:
+        try:
+            dead_letters.raise_if_tripped()
+        except DeadLetterBreakerTripped:
+            # a crashed app leaves the worker process up: stop it the way an operator
+            # would; SIGTERM takes Faust's graceful path (flush the producer, commit)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    async def send_outputs(outputs: list[Output]) -> None:
+        producer = app.producer
+        for kind, event in outputs:
+            sent = await producer.send(
+                OUTPUT_TOPICS[kind].name_in(prefix),
+                event["subject"].encode(),
+                orjson.dumps(event),
+                None,
+                None,
+                HEADERS,
+            )
+            in_flight.append(sent)
+            sm.OUTPUTS.labels(kind, event["type"]).inc()
+            if kind == "scores":
+                sm.CHURN_PROBABILITY.observe(event["data"]["churn_probability"])
+
+    # -- the agent -------------------------------------------------------------------------
+
     @app.task
     async def announce() -> None:
         log.info(
             "scoring started: processing_guarantee=at_least_once commit_interval_s=%s "
-            "kafka=%s topics=%s",
+            "buckets=%d model=%s kafka=%s topics=%s",
             settings.commit_interval_s,
+            settings.buckets,
+            watcher.current.version,
             platform.kafka_bootstrap,
-            [usage_topic.get_topic_name()],
+            [t.name_in(prefix) for t in SOURCES],
         )
 
-    @app.agent(usage_topic)
-    async def count_usage(stream: faust.StreamT[bytes]) -> Any:
-        async for event in stream.events():
+    def highwater(topic: str, partition: int) -> int | None:
+        try:
+            value = app.consumer.highwater(TP(topic, partition))
+        except Exception:  # not assigned (any more), or no fetch yet
+            return None
+        return int(value) if value is not None else None
+
+    aligner = TimeAligner(dead_letter_of, max_wait_s=settings.align_max_wait_s, highwater=highwater)
+
+    async def apply_released(partition: int) -> None:
+        """Apply what the aligner releases for ``partition``; acknowledge finished records."""
+        released = aligner.release(partition)
+        if released.events:
+            origins = [
+                (token.message.topic, token.message.offset, position)
+                for token, position in zip(released.origins, released.positions, strict=True)
+            ]
+            outputs, rejected = engine.apply(partition, released.events, origins)
+            for bad in rejected:
+                await dead_letters.reject(
+                    released.origins[bad.index].message,
+                    dead_letter_topic=dead_letter_of[released.origins[bad.index].message.topic],
+                    reason=bad.reason,
+                    error="RejectedEvent",
+                    value=orjson.dumps(bad.event),
+                )
+            if rejected:
+                await stop_if_tripped()
+            if outputs:
+                await send_outputs(outputs)
+        unacked.extend(released.finished)
+
+    @app.agent(sources)
+    async def process(stream: faust.StreamT[bytes]) -> Any:
+        async for event in stream.noack().events():
             message = event.message
+            load_partition(message.partition)
             try:
-                events = Topic.USAGE.codec.decode(event.value)
+                events = envelope.unpack(event.value)
             except envelope.InvalidEnvelope as exc:
                 await dead_letters.reject(
                     message,
-                    dead_letter_topic=Topic.USAGE.dead_letter_in(prefix),
+                    dead_letter_topic=dead_letter_of[message.topic],
                     reason=exc.reason,
                     error=type(exc).__name__,
                 )
-                try:
-                    dead_letters.raise_if_tripped()
-                except DeadLetterBreakerTripped:
-                    # A crashed agent is only restarted by Faust, and a crashed app leaves
-                    # the worker process up, so stop the worker the way an operator would:
-                    # SIGTERM takes Faust's graceful path (flush the producer, commit).
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    return
-                continue
-            dead_letters.accept()
-            # one table write per account per envelope, not per event (DESIGN.md, Throughput)
-            for account_id, n in Counter(e.subject for e in events).items():
-                usage_counts[account_id] += n
+                events = []  # acknowledged in order with the rest of its topic
+                await stop_if_tripped()
+            else:
+                dead_letters.accept()
+            aligner.add(message.partition, message.topic, message.offset, events, event)
+            await apply_released(message.partition)
             metrics.CONSUMER_RECORDS.labels(CONSUMER_NAME, message.topic).inc()
             metrics.CONSUMER_EVENTS.labels(CONSUMER_NAME, message.topic).inc(len(events))
+            sm.ENVELOPE_EVENTS.observe(len(events))
             yield len(events)
 
-    @app.page("/accounts/{account_id}/usage-count")
-    async def usage_count(web: Any, request: Any, account_id: str) -> Any:
-        return web.json({"account_id": account_id, "usage_events": usage_counts.get(account_id, 0)})
+    @app.timer(interval=settings.commit_interval_s)
+    async def persist_state() -> None:
+        await persist()
+
+    @app.timer(interval=settings.align_max_wait_s / 2)
+    async def release_stalled() -> None:
+        """A lane that stopped delivering must not hold the others for ever."""
+        for partition in list(aligner.lanes):
+            await apply_released(partition)
+
+    # -- time: scores in micro-batches, day roll-over, model reloads ------------------------
+
+    @app.timer(interval=settings.score_interval_s)
+    async def score() -> None:
+        assigned = assigned_partitions()
+        if app.rebalancing:
+            return
+        for partition in list(engine.partitions):
+            if partition not in assigned and partition in loaded:
+                engine.drop_partition(partition)
+                loaded.discard(partition)
+        for partition in assigned:
+            load_partition(partition)
+        if assigned and not ready_at:
+            ready_at.append(time.monotonic() - started)
+            sm.READY_SECONDS.set(ready_at[0])
+            log.info("scoring ready in %.2f s: %d accounts", ready_at[0], engine.accounts())
+        rolled = engine.roll_days()
+        if rolled:
+            log.info("day rolled: %d accounts to re-score", rolled)
+        while engine.pending_count():
+            t0 = time.perf_counter()
+            outputs = engine.score_pending(settings.score_batch)
+            sm.SCORE_BATCH_SECONDS.observe(time.perf_counter() - t0)
+            await send_outputs(outputs)
+            await asyncio.sleep(0)  # let the agent run between batches
+        sm.ACCOUNTS.set(engine.accounts())
+
+    @app.timer(interval=settings.model_check_interval_s)
+    async def reload_model() -> None:
+        if watcher.maybe_reload():
+            sm.MODEL_VERSION.info({"version": watcher.current.version})
+            for ps in engine.partitions.values():  # everyone, under the new model
+                ps.pending.update(ps.records)
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    @app.page("/accounts/{account_id}")
+    async def account(web: Any, request: Any, account_id: str) -> Any:
+        record = engine.account(account_id)
+        if record is None:
+            return web.json({"detail": f"unknown account {account_id!r}"}, status=404)
+        as_of = int(request.query.get("as_of_ordinal", 0)) or max(
+            engine.clock.today(), record.features.max_day
+        )
+        features = record.features.features(as_of)
+        return web.json(
+            {
+                "account_id": account_id,
+                "as_of_ordinal": as_of,
+                "features": features.as_dict(),
+                "mrr": record.revenue.mrr,
+                "tier": record.signals.tier,
+                "churn_probability": record.signals.probability,
+                "health": record.signals.health,
+                "scores_emitted": record.signals.scores,
+            }
+        )
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
@@ -131,8 +346,15 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
 
     @app.page("/readyz")
     async def readyz(web: Any, request: Any) -> Any:
-        ready = not app.rebalancing and bool(app.consumer.assignment())
-        return web.json({"status": "ready" if ready else "starting"}, status=200 if ready else 503)
+        assigned = assigned_partitions()
+        ready = not app.rebalancing and bool(assigned) and assigned <= loaded
+        body = {
+            "status": "ready" if ready else "starting",
+            "partitions": sorted(assigned),
+            "accounts": engine.accounts(),
+            "model_version": watcher.current.version,
+        }
+        return web.json(body, status=200 if ready else 503)
 
     @app.page("/metrics")
     async def prometheus_metrics(web: Any, request: Any) -> Any:
@@ -140,3 +362,6 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
 
     app.conf.table_cleanup_interval = 30.0
     return app
+
+
+__all__ = ["BUCKETS", "create_app"]

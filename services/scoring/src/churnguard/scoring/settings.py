@@ -6,6 +6,8 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from churnguard.common.settings import ServiceSettings
+from churnguard.scoring.engine import BUCKETS
+from churnguard.scoring.model import DEFAULT_MODEL_PATH
 
 
 class ScoringSettings(ServiceSettings):
@@ -30,4 +32,34 @@ class ScoringSettings(ServiceSettings):
         description="Faust broker_session_timeout; Tansu holds a group's first join for about "
         "half of it, so tests and the demo use 6 s (Apache Kafka's minimum)",
     )
-    partitions: int = Field(default=4, ge=1, description="Partitions of Faust's own topics")
+    partitions: int = Field(
+        default=4,
+        ge=1,
+        description="Partitions of the source topics and of Faust's own: at most this many "
+        "workers share the load",
+    )
+    model_path: Path = Field(
+        default=DEFAULT_MODEL_PATH,
+        description="The ONNX churn model; replaced files are picked up without a restart",
+    )
+    model_check_interval_s: float = Field(default=5.0, gt=0)
+    buckets: int = Field(
+        default=BUCKETS,
+        ge=1,
+        le=4096,
+        description="State buckets per partition: one changelog record per dirty bucket per "
+        "commit (more buckets: smaller records, more of them)",
+    )
+    score_interval_s: float = Field(
+        default=1.0, gt=0, description="How often touched accounts are scored"
+    )
+    score_batch: int = Field(default=2_000, ge=1, description="Accounts per ONNX call")
+    align_max_wait_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="How long a source topic that has not delivered may hold the others "
+        "back while they are merged into event-time order",
+    )
+    stream_buffer: int = Field(
+        default=64, ge=1, description="Records Faust prefetches per partition (envelopes)"
+    )

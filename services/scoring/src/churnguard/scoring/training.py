@@ -105,7 +105,19 @@ class TrainingSet:
 
 
 def history_span(folder: Path) -> tuple[date, date]:
-    """First and last event day of a folder's ``events.jsonl`` (reads only its ends)."""
+    """First and last day of a folder's recorded history.
+
+    A simulator world says it in ``summary.json`` (its stream also opens with a backfill of
+    the existing customers' subscriptions, dated at their sign-ups before the history
+    starts: not days with activity to learn from). Otherwise the first and last event day
+    of ``events.jsonl`` (reads only its ends).
+    """
+    summary = folder / "summary.json"
+    if summary.exists():
+        config = orjson.loads(summary.read_bytes()).get("config", {})
+        if "start" in config and "days" in config:
+            start = date.fromisoformat(config["start"])
+            return start, start + timedelta(days=int(config["days"]) - 1)
     path = folder / EVENTS_FILE
     with path.open("rb") as f:
         first = orjson.loads(f.readline())

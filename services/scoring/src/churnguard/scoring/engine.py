@@ -1,0 +1,524 @@
+"""The scoring worker's state and logic, without Faust (``app.py`` wires it to Kafka).
+
+Per source partition the engine keeps every account's record in a plain dict: its
+feature state (:class:`~churnguard.scoring.features.AccountState`), its revenue ledger
+(:class:`~churnguard.scoring.revenue.RevenueLedger`) and what its signals remember
+(:class:`~churnguard.scoring.signals.SignalState`). Events update records a whole
+envelope at a time; nothing is written per event.
+
+Durability is by **buckets** (DESIGN.md, "Throughput: measured facts"): an account
+belongs to one of :data:`BUCKETS` buckets of its partition; a touched account marks its
+bucket dirty, and at each commit the app writes every dirty bucket, compressed, as one
+changelog record of its partition, before Faust commits the offsets (so table writes per
+second are bounded by buckets, never by events). After a restart the buckets of the
+assigned partitions are read back (:meth:`ScoringEngine.load_bucket`).
+
+Scoring is in micro-batches (:meth:`ScoringEngine.score_pending`): accounts touched since
+their last score, and every account of a partition once the day rolls (silent accounts
+rise in risk without any new event), are scored together in one ONNX call.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any, Final
+
+import cramjam
+import orjson
+
+from churnguard.scoring.features import (
+    AccountState,
+    InvalidEventError,
+    day_ordinal,
+    feature_matrix,
+)
+from churnguard.scoring.model import ModelWatcher
+from churnguard.scoring.revenue import RevenueLedger
+from churnguard.scoring.signals import SignalState, event_signals, score_signals
+
+BUCKETS: Final = 64
+"""Buckets per partition: the unit of changelog writes."""
+FUTURE_DAYS: Final = 1
+"""Events dated more than this many days after the wall clock are rejected: one bad clock
+must not move the stream's time (and make every account look silent)."""
+BILLING_PREFIX: Final = "churnguard.billing."
+
+Output = tuple[str, dict[str, Any]]
+"""``(kind, event)``: kind is ``scores``, ``signals`` or ``revenue``."""
+
+
+class RejectedEvent(ValueError):
+    """An event the engine cannot use; it goes to the dead-letter topic with the reason."""
+
+    def __init__(self, event: Any, reason: str, index: int = -1) -> None:
+        super().__init__(reason)
+        self.event = event
+        self.reason = reason
+        self.index = index
+        """Position of the event in the batch given to :meth:`ScoringEngine.apply`."""
+
+
+def bucket_of(account: str, buckets: int = BUCKETS) -> int:
+    return zlib.crc32(account.encode()) % buckets
+
+
+@dataclass(slots=True)
+class AccountRecord:
+    account: str
+    bucket: int
+    features: AccountState
+    revenue: RevenueLedger
+    signals: SignalState
+
+
+Progress = dict[str, tuple[int, int]]
+"""Source topic -> (offset, position) of the last event applied from it; position -1 is a
+record's last event."""
+Origin = tuple[str, int, int]
+"""(source topic, record offset, position of the event in the record; -1: its last)."""
+_LAST = 1 << 31
+
+
+def already_applied(progress: Progress, origin: Origin) -> bool:
+    done = progress.get(origin[0])
+    if done is None:
+        return False
+    return (origin[1], origin[2] if origin[2] >= 0 else _LAST) <= (
+        done[0],
+        done[1] if done[1] >= 0 else _LAST,
+    )
+
+
+@dataclass
+class PartitionState:
+    records: dict[str, AccountRecord] = field(default_factory=dict)
+    dirty: set[int] = field(default_factory=set)
+    pending: set[str] = field(default_factory=set)
+    rescored_day: int = -1
+    progress: Progress = field(default_factory=dict)
+    """How far this partition's sources have been applied (written with every bucket)."""
+    restored: dict[int, Progress] = field(default_factory=dict)
+    """Per restored bucket, the progress it was written at: events of its accounts at or
+    before it are already in its state, and are skipped when consumed again."""
+
+
+class StreamClock:
+    """Stream time: the latest event day seen, moved on by the wall clock since then.
+
+    In production the two agree; a replay of history runs on the history's days; a
+    simulated demo runs on its simulated days. Days only move forward.
+    """
+
+    def __init__(self, wall: Callable[[], float] = time.time) -> None:
+        self.wall = wall
+        self.max_day = -1
+        self._seen_at = wall()
+
+    def observe(self, day: int) -> None:
+        if day > self.max_day:
+            self.max_day = day
+            self._seen_at = self.wall()
+
+    def today(self) -> int:
+        if self.max_day < 0:
+            return datetime.fromtimestamp(self.wall(), UTC).toordinal()
+        return self.max_day + int((self.wall() - self._seen_at) // 86_400)
+
+    def now(self) -> datetime:
+        """A timestamp on :meth:`today`, at the wall clock's time of day."""
+        wall = datetime.fromtimestamp(self.wall(), UTC)
+        day = date.fromordinal(self.today())
+        return datetime.combine(day, wall.timetz())
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ScoringEngine:
+    def __init__(
+        self,
+        model: ModelWatcher,
+        *,
+        buckets: int = BUCKETS,
+        clock: StreamClock | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.model = model
+        self.buckets = buckets
+        self.clock = clock or StreamClock(wall)
+        self.wall = wall
+        self.partitions: dict[int, PartitionState] = {}
+        self.events_applied = 0
+        self.replayed_skipped = 0
+
+    # -- events ------------------------------------------------------------------------------
+
+    def partition(self, partition: int) -> PartitionState:
+        state = self.partitions.get(partition)
+        if state is None:
+            state = self.partitions[partition] = PartitionState()
+        return state
+
+    def apply(
+        self,
+        partition: int,
+        events: Iterable[dict[str, Any]],
+        origins: list[Origin] | None = None,
+    ) -> tuple[list[Output], list[RejectedEvent]]:
+        """Fold events into their accounts; returns the outputs the events make by
+        themselves (revenue movements, payment and NPS signals) and the events that could
+        not be used. With ``origins`` (one per event), progress is tracked, and events a
+        restored bucket already holds are skipped."""
+        ps = self.partition(partition)
+        records, dirty, pending = ps.records, ps.dirty, ps.pending
+        progress, restored = ps.progress, ps.restored
+        outputs: list[Output] = []
+        rejected: list[RejectedEvent] = []
+        latest = datetime.fromtimestamp(self.wall(), UTC).toordinal() + FUTURE_DAYS
+        max_day = -1
+        for index, event in enumerate(events):
+            try:
+                account = event["subject"]
+                day = day_ordinal(event["time"])
+            except (KeyError, TypeError, ValueError) as exc:
+                reason = f"unreadable subject or time: {exc!r}"
+                rejected.append(RejectedEvent(event, reason, index))
+                continue
+            if day > latest:
+                reason = f"time {event['time']!r} is in the future"
+                rejected.append(RejectedEvent(event, reason, index))
+                continue
+            record = records.get(account)
+            if record is None:
+                record = records[account] = self._new_record(account)
+            if origins is not None:
+                origin = origins[index]
+                progress[origin[0]] = origin[1:]
+                done = restored.get(record.bucket) if restored else None
+                if done is not None and already_applied(done, origin):
+                    self.replayed_skipped += 1
+                    continue
+            try:
+                record.features.apply(event)
+            except InvalidEventError as exc:
+                rejected.append(RejectedEvent(event, str(exc), index))
+                continue
+            kind = event.get("type", "")
+            if kind.startswith(BILLING_PREFIX):
+                try:
+                    outputs.extend(("revenue", m) for m in record.revenue.apply(event))
+                except (KeyError, TypeError, ValueError) as exc:
+                    rejected.append(RejectedEvent(event, f"revenue: {exc}", index))
+            if kind in _EVENT_SIGNAL_TYPES:
+                outputs.extend(
+                    ("signals", s)
+                    for s in event_signals(event, record.features, record.signals, day)
+                )
+            record.signals.pending = True
+            pending.add(account)
+            dirty.add(record.bucket)
+            if day > max_day:
+                max_day = day
+            self.events_applied += 1
+        if max_day >= 0:
+            self.clock.observe(max_day)
+        return outputs, rejected
+
+    def _new_record(self, account: str) -> AccountRecord:
+        return AccountRecord(
+            account,
+            bucket_of(account, self.buckets),
+            AccountState(),
+            RevenueLedger(account),
+            SignalState(),
+        )
+
+    # -- scoring -----------------------------------------------------------------------------
+
+    def roll_days(self) -> int:
+        """Mark every account of a partition pending once the day rolled; returns how many."""
+        today = self.clock.today()
+        marked = 0
+        for ps in self.partitions.values():
+            if ps.rescored_day >= today:
+                continue
+            ps.rescored_day = today
+            for account, record in ps.records.items():
+                if record.signals.scored_day < today and account not in ps.pending:
+                    ps.pending.add(account)
+                    marked += 1
+        return marked
+
+    def pending_count(self) -> int:
+        return sum(len(ps.pending) for ps in self.partitions.values())
+
+    def score_pending(self, limit: int = 2_000) -> list[Output]:
+        """Score up to ``limit`` pending accounts in one batch; their events to send."""
+        chosen: list[tuple[PartitionState, AccountRecord]] = []
+        for ps in self.partitions.values():
+            while ps.pending and len(chosen) < limit:
+                record = ps.records.get(ps.pending.pop())
+                if record is not None:
+                    chosen.append((ps, record))
+            if len(chosen) >= limit:
+                break
+        if not chosen:
+            return []
+        today = self.clock.today()
+        stamp = iso(self.clock.now())
+        rows = [
+            record.features.features(max(today, record.features.max_day)) for _, record in chosen
+        ]
+        model = self.model.current
+        scores = model.score(feature_matrix(rows))
+        outputs: list[Output] = []
+        for (ps, record), features, score in zip(chosen, rows, scores, strict=True):
+            outputs.extend(
+                score_signals(
+                    record.account,
+                    features,
+                    record.features,
+                    score,
+                    model.version,
+                    record.signals,
+                    stamp,
+                )
+            )
+            ps.dirty.add(record.bucket)
+        return outputs
+
+    # -- durability --------------------------------------------------------------------------
+
+    def take_dirty(self) -> Iterator[tuple[int, int, bytes]]:
+        """``(partition, bucket, blob)`` of every dirty bucket; they are clean afterwards.
+
+        Each blob carries its partition's progress: take it (synchronously, all of it)
+        right after the acknowledgements it is meant to cover were collected."""
+        for partition, ps in self.partitions.items():
+            if not ps.dirty:
+                continue
+            by_bucket: dict[int, list[AccountRecord]] = {b: [] for b in ps.dirty}
+            for record in ps.records.values():
+                if record.bucket in by_bucket:
+                    by_bucket[record.bucket].append(record)
+            ps.dirty.clear()
+            for bucket, members in by_bucket.items():
+                ps.restored.pop(bucket, None)  # superseded by the progress written now
+                yield partition, bucket, encode_bucket(members, ps.progress)
+
+    def load_bucket(self, partition: int, blob: bytes) -> int:
+        """Restore a bucket's records (after a restart); returns how many."""
+        ps = self.partition(partition)
+        n = 0
+        progress, records = decode_bucket(blob, self.buckets)
+        for record in records:
+            ps.records[record.account] = record
+            if record.signals.pending:
+                ps.pending.add(record.account)
+            self.clock.observe(record.features.max_day)
+            n += 1
+        if records:
+            ps.restored[records[0].bucket] = progress
+        for topic, done in progress.items():
+            known = ps.progress.get(topic)
+            if known is None or not already_applied({topic: known}, (topic, *done)):
+                ps.progress[topic] = done  # the furthest any restored bucket got
+        return n
+
+    def drop_partition(self, partition: int) -> None:
+        self.partitions.pop(partition, None)
+
+    def account(self, account: str) -> AccountRecord | None:
+        for ps in self.partitions.values():
+            if (record := ps.records.get(account)) is not None:
+                return record
+        return None
+
+    def accounts(self) -> int:
+        return sum(len(ps.records) for ps in self.partitions.values())
+
+
+@dataclass
+class Released:
+    events: list[dict[str, Any]] = field(default_factory=list)
+    origins: list[Any] = field(default_factory=list)
+    """The token (consumed record) each event came in."""
+    positions: list[int] = field(default_factory=list)
+    """Each event's position in its record (-1: its last event)."""
+    finished: list[Any] = field(default_factory=list)
+    """Tokens all of whose events are in ``events`` or were released before."""
+
+
+@dataclass
+class _Lane:
+    """One source topic's events of one partition, not yet released."""
+
+    queue: deque[tuple[tuple[int, str], dict[str, Any] | None, Any, int]] = field(
+        default_factory=deque
+    )
+    """(order key, event, token, position in its record; -1 for a record's last)"""
+    last_offset: int = -1
+    idle: bool = False
+
+
+class TimeAligner:
+    """Merges one partition's events from several topics into event-time order.
+
+    Kafka keeps order within a topic-partition only; the three source topics of one
+    account move at their own pace (in a catch-up, billing's sparse records run months
+    ahead of usage's dense ones), and applying them as they come would make most usage
+    look late. So, as Kafka Streams does for the partitions of a task, events wait in a
+    lane per topic and the earliest head goes first, as long as every lane either has
+    events, has read all its partition holds (``highwater``), or kept the others waiting
+    for ``max_wait_s`` (then it counts as idle until it delivers again).
+
+    ``token`` (the consumed record, to acknowledge) is released with the last event of
+    its envelope, so an offset is committed only once all its events were applied.
+    """
+
+    def __init__(
+        self,
+        topics: Iterable[str],
+        *,
+        max_wait_s: float = 0.5,
+        highwater: Callable[[str, int], int | None] = lambda topic, partition: None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.topics = tuple(topics)
+        self.max_wait_s = max_wait_s
+        self.highwater = highwater
+        self.monotonic = monotonic
+        self.lanes: dict[int, dict[str, _Lane]] = {}
+        self._stalled_since: dict[int, float] = {}
+
+    def add(
+        self, partition: int, topic: str, offset: int, events: list[dict[str, Any]], token: Any
+    ) -> None:
+        lanes = self.lanes.get(partition)
+        if lanes is None:
+            lanes = self.lanes[partition] = {t: _Lane() for t in self.topics}
+        lane = lanes[topic]
+        lane.idle = False
+        lane.last_offset = offset
+        queue = lane.queue
+        last = len(events) - 1
+        for i, event in enumerate(events):
+            queue.append((_order_key(event), event, token, -1 if i == last else i))
+        if not events:
+            queue.append(((-1, ""), None, token, -1))
+
+    def pending(self) -> int:
+        return sum(len(lane.queue) for lanes in self.lanes.values() for lane in lanes.values())
+
+    def release(self, partition: int) -> Released:
+        """The events that may be applied now, in time order, each with its token, and the
+        tokens whose last event is among them."""
+        released = Released()
+        events, origins, tokens = released.events, released.origins, released.finished
+        positions = released.positions
+        lanes = self.lanes.get(partition)
+        if not lanes:
+            return released
+        while True:
+            full = [(lane.queue[0][0], name) for name, lane in lanes.items() if lane.queue]
+            if not full:
+                break
+            waiting = [
+                name
+                for name, lane in lanes.items()
+                if not lane.queue and not lane.idle and not self._caught_up(name, partition, lane)
+            ]
+            if waiting:
+                now = self.monotonic()
+                since = self._stalled_since.setdefault(partition, now)
+                if now - since < self.max_wait_s:
+                    break
+                for name in waiting:
+                    lanes[name].idle = True
+            self._stalled_since.pop(partition, None)
+            full.sort()
+            _, name = full[0]
+            queue = lanes[name].queue
+            bound = full[1][0] if len(full) > 1 else None
+            # a run from the earliest lane, up to the next lane's head
+            while queue and (bound is None or queue[0][0] <= bound):
+                _, event, token, position = queue.popleft()
+                if event is not None:
+                    events.append(event)
+                    origins.append(token)
+                    positions.append(position)
+                if position < 0:
+                    tokens.append(token)
+        return released
+
+    def _caught_up(self, topic: str, partition: int, lane: _Lane) -> bool:
+        highwater = self.highwater(topic, partition)
+        return highwater is not None and lane.last_offset + 1 >= highwater
+
+    def drop_partition(self, partition: int) -> None:
+        self.lanes.pop(partition, None)
+        self._stalled_since.pop(partition, None)
+
+
+def _order_key(event: dict[str, Any]) -> tuple[int, str]:
+    try:
+        time_ = event["time"]
+        return day_ordinal(time_), time_
+    except (KeyError, TypeError, ValueError):
+        return -1, ""  # unreadable: released at once, and rejected by apply()
+
+
+_EVENT_SIGNAL_TYPES: Final = frozenset(
+    {"churnguard.billing.invoice_payment_failed", "churnguard.feedback.nps_submitted"}
+)
+_HEAD = struct.Struct("<HIII")
+
+
+def encode_bucket(records: Iterable[AccountRecord], progress: Progress) -> bytes:
+    """``[u32 progress JSON]`` then per record ``[u16 account][u32 features][u32 revenue]
+    [u32 signals]`` and the bodies; zstd."""
+    head = orjson.dumps(progress)
+    parts: list[bytes] = [struct.pack("<I", len(head)), head]
+    for record in records:
+        account = record.account.encode()
+        features = record.features.to_bytes()
+        revenue = record.revenue.to_bytes()
+        signals = orjson.dumps(record.signals.to_list())
+        parts.append(_HEAD.pack(len(account), len(features), len(revenue), len(signals)))
+        parts += (account, features, revenue, signals)
+    return bytes(cramjam.zstd.compress(b"".join(parts)))
+
+
+def decode_bucket(blob: bytes, buckets: int = BUCKETS) -> tuple[Progress, list[AccountRecord]]:
+    raw = bytes(cramjam.zstd.decompress(blob))
+    view = memoryview(raw)
+    (size,) = struct.unpack_from("<I", raw, 0)
+    progress = {t: (int(o), int(p)) for t, (o, p) in orjson.loads(view[4 : 4 + size]).items()}
+    at = 4 + size
+    records = []
+    while at < len(raw):
+        a, f, r, s = _HEAD.unpack_from(raw, at)
+        at += _HEAD.size
+        account = bytes(view[at : at + a]).decode()
+        at += a
+        features = AccountState.from_bytes(bytes(view[at : at + f]))
+        at += f
+        revenue = RevenueLedger.from_bytes(bytes(view[at : at + r]))
+        at += r
+        signals = SignalState.from_list(orjson.loads(view[at : at + s]))
+        at += s
+        records.append(
+            AccountRecord(account, bucket_of(account, buckets), features, revenue, signals)
+        )
+    return progress, records
+
+
+def bucket_key(partition: int, bucket: int) -> str:
+    return f"{partition}:{bucket}"

@@ -1,0 +1,214 @@
+"""The scoring engine without Kafka: time alone moves scores, state survives in buckets."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from churnguard.common.events.derived import RevenueMovement, ScoreEvent, SignalEvent
+from churnguard.scoring.engine import Released, ScoringEngine, TimeAligner, decode_bucket
+from churnguard.scoring.model import DEFAULT_MODEL_PATH, ModelWatcher
+
+START = date(2025, 3, 1)
+SCORES, SIGNALS = TypeAdapter(ScoreEvent), TypeAdapter(SignalEvent)
+
+
+class Wall:
+    """A wall clock the test moves."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def __call__(self) -> float:
+        return self.at.timestamp()
+
+
+def ts(day: date, hour: int = 10) -> str:
+    return f"{day.isoformat()}T{hour:02d}:00:00Z"
+
+
+def busy_account(account: str, days: int) -> list[dict[str, Any]]:
+    """A subscribed account whose 8 users use 3 features every weekday for ``days`` days."""
+    events: list[dict[str, Any]] = [
+        {
+            "specversion": "1.0",
+            "id": f"{account}-sub",
+            "source": "/test",
+            "type": "churnguard.billing.subscription_created",
+            "time": ts(START, 8),
+            "subject": account,
+            "data": {
+                "subscription_id": f"sub_{account}",
+                "status": "active",
+                "plan": "growth",
+                "quantity": 10,
+                "mrr": 30000,
+                "currency": "usd",
+                "interval": "month",
+            },
+        }
+    ]
+    for d in range(days):
+        day = START + timedelta(days=d)
+        if day.weekday() >= 5:
+            continue
+        for user in range(8):
+            for feature in ("reports", "integrations", "automations"):
+                events.append(
+                    {
+                        "id": f"{account}-{d}-{user}-{feature}",
+                        "type": "churnguard.usage.feature_used",
+                        "time": ts(day),
+                        "subject": account,
+                        "data": {"user_id": f"u{user}", "feature": feature, "count": 3},
+                    }
+                )
+    return events
+
+
+def engine_at(day: date) -> tuple[ScoringEngine, Wall]:
+    wall = Wall(datetime.combine(day, datetime.min.time(), UTC) + timedelta(hours=20))
+    return ScoringEngine(ModelWatcher(DEFAULT_MODEL_PATH), wall=wall), wall
+
+
+def scores_of(outputs: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [e for kind, e in outputs if kind == "scores"]
+
+
+def test_a_silent_account_rises_in_risk_by_the_clock_alone() -> None:
+    days = 75
+    engine, wall = engine_at(START + timedelta(days=days - 1))
+    _outputs, rejected = engine.apply(0, busy_account("acct_busy", days))
+    assert rejected == []
+    (first,) = scores_of(engine.score_pending())
+    SCORES.validate_python(first)
+    assert engine.score_pending() == []  # nothing touched since
+
+    probabilities = [first["data"]["churn_probability"]]
+    for _ in range(4):  # four silent weeks: no event at all, only the clock moves
+        wall.at += timedelta(days=7)
+        assert engine.roll_days() == 1
+        for kind, event in engine.score_pending():
+            (SCORES if kind == "scores" else SIGNALS).validate_python(event)
+            if kind == "scores":
+                probabilities.append(event["data"]["churn_probability"])
+    assert len(probabilities) >= 3  # re-scored by the clock, emitted when it changed
+    assert probabilities[-1] > probabilities[0] + 0.05, probabilities
+    record = engine.account("acct_busy")
+    assert record is not None
+    assert record.features.features(engine.clock.today())["days_since_active"] >= 28
+    assert record.signals.tier != "healthy"
+
+
+def test_state_survives_in_buckets() -> None:
+    days = 40
+    engine, _ = engine_at(START + timedelta(days=days - 1))
+    for n in range(30):
+        engine.apply(n % 2, busy_account(f"acct_{n}", days))
+    engine.score_pending()
+    blobs = list(engine.take_dirty())
+    assert {p for p, _, _ in blobs} == {0, 1}
+    assert list(engine.take_dirty()) == []  # clean once written
+
+    restored, _ = engine_at(START + timedelta(days=days - 1))
+    for partition, _, blob in blobs:
+        restored.load_bucket(partition, blob)
+    assert restored.accounts() == 30
+    today = engine.clock.today()
+    for n in range(30):
+        before, after = engine.account(f"acct_{n}"), restored.account(f"acct_{n}")
+        assert before is not None
+        assert after is not None
+        assert after.features.features(today) == before.features.features(today)
+        assert after.signals == before.signals
+        assert after.revenue.mrr == before.revenue.mrr == 30000
+    size = sum(len(b) for _, _, b in blobs) / 30
+    assert size < 4096, f"{size:.0f} bytes per account in the changelog"
+    assert sum(len(decode_bucket(b)[1]) for _, _, b in blobs) == 30
+
+
+def test_events_from_the_future_and_unreadable_ones_are_rejected_the_rest_applied() -> None:
+    engine, _ = engine_at(START + timedelta(days=9))
+    good = busy_account("acct_ok", 10)
+    future = dict(good[-1], id="f", time=ts(START + timedelta(days=30)))
+    nonsense = {"id": "x", "type": "churnguard.usage.feature_used", "subject": "acct_ok"}
+    outputs, rejected = engine.apply(0, [*good, future, nonsense])
+    assert [r.event["id"] for r in rejected] == ["f", "x"]
+    assert "future" in rejected[0].reason
+    assert "time" in rejected[1].reason
+    (movement,) = [e for kind, e in outputs if kind == "revenue"]
+    assert RevenueMovement.model_validate(movement).data.kind == "new"
+    assert engine.events_applied == len(good)
+
+
+def ev(day: int, topic: str, n: int) -> dict[str, Any]:
+    return {"id": f"{topic}-{n}", "time": ts(START + timedelta(days=day))}
+
+
+class Monotonic:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_aligner_merges_topics_by_event_time_and_acks_whole_envelopes() -> None:
+    clock = Monotonic()
+    highwater: dict[tuple[str, int], int] = {}
+    aligner = TimeAligner(
+        ["usage", "billing", "feedback"],
+        max_wait_s=0.5,
+        highwater=lambda t, p: highwater.get((t, p)),
+        monotonic=clock,
+    )
+    # billing runs ahead: its one record covers days 0..90; usage has come up to day 5
+    aligner.add(0, "billing", 0, [ev(0, "billing", 0), ev(90, "billing", 1)], "b0")
+    aligner.add(0, "usage", 0, [ev(d, "usage", d) for d in range(6)], "u0")
+    # feedback has not delivered and is not known to be empty: wait for it
+    assert aligner.release(0) == Released()
+    highwater[("feedback", 0)] = 0  # an empty partition: nothing to wait for
+    highwater[("billing", 0)] = 1
+    released = aligner.release(0)
+    assert [e["id"] for e in released.events] == [
+        "billing-0",
+        *(f"usage-{d}" for d in range(6)),
+    ]
+    assert released.origins == ["b0", *["u0"] * 6]
+    assert released.finished == ["u0"]  # b0 is not done: its day-90 event waits for usage
+    assert aligner.release(0) == Released()  # usage is not caught up: billing-1 waits
+    clock.now += 0.6  # ... but not for ever
+    released = aligner.release(0)
+    assert [e["id"] for e in released.events] == ["billing-1"]
+    assert released.finished == ["b0"]
+    # the idle lane counts again once it delivers
+    aligner.add(0, "usage", 1, [ev(91, "usage", 91)], "u1")
+    aligner.add(0, "billing", 1, [ev(95, "billing", 2)], "b1")
+    assert [e["id"] for e in aligner.release(0).events] == ["usage-91"]
+
+
+def test_a_record_consumed_again_after_a_crash_is_applied_once() -> None:
+    days = 20
+    engine, _ = engine_at(START + timedelta(days=days - 1))
+    events = busy_account("acct_r", days)
+    head = events[:-40]
+    origins = [("usage", 7, i) for i in range(len(events) - 1)] + [("usage", 7, -1)]
+    # the first part of the record was applied and persisted, then the worker died
+    engine.apply(0, head, origins[: len(head)])
+    blobs = list(engine.take_dirty())
+    restored, _ = engine_at(START + timedelta(days=days - 1))
+    for partition, _, blob in blobs:
+        restored.load_bucket(partition, blob)
+    # the record was not acknowledged: it is consumed again, whole
+    restored.apply(0, events, origins)
+    assert restored.replayed_skipped == len(head)
+    once, _ = engine_at(START + timedelta(days=days - 1))
+    once.apply(0, events)
+    today = once.clock.today()
+    got, want = restored.account("acct_r"), once.account("acct_r")
+    assert got is not None
+    assert want is not None
+    assert got.features.features(today) == want.features.features(today)
+    assert got.revenue.mrr == want.revenue.mrr
