@@ -212,3 +212,21 @@ def test_a_record_consumed_again_after_a_crash_is_applied_once() -> None:
     assert want is not None
     assert got.features.features(today) == want.features.features(today)
     assert got.revenue.mrr == want.revenue.mrr
+
+
+def test_a_lane_known_to_be_behind_is_waited_for_however_long() -> None:
+    clock = Monotonic()
+    highwater = {("usage", 0): 5, ("feedback", 0): 0, ("billing", 0): 1}
+    aligner = TimeAligner(
+        ["usage", "billing", "feedback"],
+        max_wait_s=0.5,
+        highwater=lambda t, p: highwater.get((t, p)),
+        monotonic=clock,
+    )
+    aligner.add(0, "usage", 0, [ev(1, "usage", 1)], "u0")
+    aligner.add(0, "billing", 0, [ev(1, "billing", 0), ev(40, "billing", 1)], "b0")
+    assert [e["id"] for e in aligner.release(0).events] == ["billing-0", "usage-1"]
+    clock.now += 60  # usage has four more records to deliver: billing-1 must wait
+    assert aligner.release(0).events == []
+    aligner.add(0, "usage", 4, [ev(41, "usage", 41)], "u4")
+    assert [e["id"] for e in aligner.release(0).events] == ["billing-1", "usage-41"]

@@ -290,7 +290,9 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
             return
         for partition in list(engine.partitions):
             if partition not in assigned and partition in loaded:
+                # revoked: its unacknowledged records go to the next owner (or come back)
                 engine.drop_partition(partition)
+                aligner.drop_partition(partition)
                 loaded.discard(partition)
         for partition in assigned:
             load_partition(partition)

@@ -376,8 +376,9 @@ class TimeAligner:
     ahead of usage's dense ones), and applying them as they come would make most usage
     look late. So, as Kafka Streams does for the partitions of a task, events wait in a
     lane per topic and the earliest head goes first, as long as every lane either has
-    events, has read all its partition holds (``highwater``), or kept the others waiting
-    for ``max_wait_s`` (then it counts as idle until it delivers again).
+    events, has read all its partition holds (``highwater``), or, when nothing says it has
+    more to read, kept the others waiting for ``max_wait_s`` (then it counts as idle until
+    it delivers again). A lane known to be behind its highwater is always waited for.
 
     ``token`` (the consumed record, to acknowledge) is released with the last event of
     its envelope, so an offset is committed only once all its events were applied.
@@ -436,6 +437,8 @@ class TimeAligner:
                 if not lane.queue and not lane.idle and not self._caught_up(name, partition, lane)
             ]
             if waiting:
+                if any(self._behind(name, partition, lanes[name]) for name in waiting):
+                    break  # its partition holds more: it will come, however slowly
                 now = self.monotonic()
                 since = self._stalled_since.setdefault(partition, now)
                 if now - since < self.max_wait_s:
@@ -461,6 +464,12 @@ class TimeAligner:
     def _caught_up(self, topic: str, partition: int, lane: _Lane) -> bool:
         highwater = self.highwater(topic, partition)
         return highwater is not None and lane.last_offset + 1 >= highwater
+
+    def _behind(self, topic: str, partition: int, lane: _Lane) -> bool:
+        """Known to have more to deliver: it delivered before and its highwater is beyond.
+        (A lane that never delivered may have nothing to read from where it starts.)"""
+        highwater = self.highwater(topic, partition)
+        return lane.last_offset >= 0 and highwater is not None and lane.last_offset + 1 < highwater
 
     def drop_partition(self, partition: int) -> None:
         self.lanes.pop(partition, None)

@@ -55,7 +55,7 @@ class ScoringSettings(ServiceSettings):
     )
     score_batch: int = Field(default=2_000, ge=1, description="Accounts per ONNX call")
     align_max_wait_s: float = Field(
-        default=0.5,
+        default=2.0,
         gt=0,
         description="How long a source topic that has not delivered may hold the others "
         "back while they are merged into event-time order",
