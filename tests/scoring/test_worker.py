@@ -188,8 +188,12 @@ async def test_bad_records_and_events_go_to_dead_letters_and_the_rest_flows_on(
         await producer.stop()
 
     dead = await read_topic(kafka.bootstrap, Topic.USAGE.dead_letter_in(kafka_topics), 2)
-    by_offset = {dict(r.headers)["churnguard.dlq.original-offset"]: r for r in dead}
-    record = by_offset[str(bad.offset).encode()]
+    by_origin = {
+        (h["churnguard.dlq.original-partition"], h["churnguard.dlq.original-offset"]): r
+        for r in dead
+        if (h := dict(r.headers))
+    }
+    record = by_origin[(str(bad.partition).encode(), str(bad.offset).encode())]
     assert record.value == b'{"id": "x", "type": "nope"'
     headers = dict(record.headers)
     assert headers["churnguard.dlq.original-topic"] == topic.encode()
