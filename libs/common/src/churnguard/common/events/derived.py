@@ -54,12 +54,30 @@ Reasons = Annotated[
 ]
 
 
+FeatureName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+StickyFeatures = Annotated[
+    list[Annotated[str, StringConstraints(min_length=1, max_length=64)]],
+    Field(
+        max_length=50,
+        description="Sticky product features the account has not used for 90 days, the "
+        "one with the highest retention lift first",
+    ),
+]
+
+
 class AccountScoredData(Payload):
     churn_probability: Probability
     health: Health
     tier: RiskTier
     reasons: Reasons = Field(default_factory=list)
     model_version: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    features: dict[FeatureName, Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
+        default=None,
+        max_length=100,
+        description="The model's input features as of the score (names as in scoring's "
+        "FEATURE_NAMES, e.g. tenure_days, mrr, days_to_renewal), for conditions downstream",
+    )
+    unadopted_sticky_features: StickyFeatures | None = None
 
 
 class AccountScored(CloudEvent):
@@ -117,6 +135,7 @@ class UsageDroppedData(Payload):
     drop_ratio: float = Field(
         gt=0.0, le=1.0, allow_inf_nan=False, description="(previous - current) / previous"
     )
+    unadopted_sticky_features: StickyFeatures | None = None
 
     @model_validator(mode="after")
     def _is_a_drop(self) -> Self:
