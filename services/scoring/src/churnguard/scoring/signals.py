@@ -198,16 +198,14 @@ def scored_event(
     )
 
 
-def worth_emitting(state: SignalState, score: Score, tier: str) -> bool:
-    """A new score is emitted when it says something new: first score, another tier or
-    health, a probability moved by a point, or another top reason."""
-    top = score.reasons[0].code if score.reasons else ""
+def worth_emitting(state: SignalState, probability: float, health: int, tier: str) -> bool:
+    """A new score is published when it says something new: the first score, another tier
+    or health, or a probability moved by at least a point."""
     return (
         state.scores == 0
         or tier != state.tier
-        or score.health != state.health
-        or abs(score.churn_probability - state.probability) >= 0.01
-        or top != state.top_reason
+        or health != state.health
+        or abs(probability - state.probability) >= 0.01
     )
 
 
@@ -225,7 +223,7 @@ def score_signals(
     out: list[tuple[str, dict[str, Any]]] = []
     tier = next_tier(state.tier, score.churn_probability)
     previous_tier, previous_health = state.tier, state.health
-    if worth_emitting(state, score, tier):
+    if worth_emitting(state, score.churn_probability, score.health, tier):
         state.tier = tier
         out.append(("scores", scored_event(account, score, model_version, state, time)))
         state.probability = round(score.churn_probability, 6)
