@@ -59,8 +59,8 @@ StickyFeatures = Annotated[
     list[Annotated[str, StringConstraints(min_length=1, max_length=64)]],
     Field(
         max_length=50,
-        description="Sticky product features the account has not used for 90 days, the "
-        "one with the highest retention lift first",
+        description="Sticky product features (integrations, automations, api, scheduled "
+        "reports) the account has not used for 90 days",
     ),
 ]
 
