@@ -468,7 +468,9 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
 
     @app.page("/metrics")
     async def prometheus_metrics(web: Any, request: Any) -> Any:
-        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+        # the exposition content type carries a charset, which aiohttp refuses in
+        # content_type: give it as the header itself
+        return web.bytes(generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.conf.table_cleanup_interval = 30.0
     return app
