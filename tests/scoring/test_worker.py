@@ -202,13 +202,13 @@ async def test_scores_and_signals_are_valid_events_keyed_by_account(
     # what an SRE scrapes: every event consumed, scores sent, the model's version
     async with httpx.AsyncClient(timeout=10) as client:
         async with asyncio.timeout(60):
-            while (
+            while (  # noqa: ASYNC110 - polling an HTTP view: nothing to await on
                 consumed := metric(
                     await client.get(f"{scoring_service.url}/metrics"),
                     "churnguard_consumer_events_total",
                 )
             ) < len(events):
-                await asyncio.sleep(0.2)  # polling an HTTP view: nothing to await on
+                await asyncio.sleep(0.2)
         response = await client.get(f"{scoring_service.url}/metrics")
     assert response.headers["content-type"].startswith("text/plain")
     assert consumed == len(events)
