@@ -308,7 +308,7 @@ def test_a_bucket_written_right_after_a_restart_claims_only_its_own_progress() -
     for blob in [*early.values(), *late.values()]:
         restarted.load_bucket(0, blob)
     restarted.account("acct_b").signals.pending = True
-    restarted.partition(0).pending.add("acct_b")
+    restarted.partition(0).pending["acct_b"] = None
     restarted.score_pending()
     written = {bucket: blob for _, bucket, blob in restarted.take_dirty()}
     assert decode_bucket(written[b_bucket])[0] == {"usage": (len(b) - 1, -1)}
