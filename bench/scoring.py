@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import orjson
 import psutil
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.harness import report
@@ -177,19 +177,21 @@ def _bare_rate(home: Path, bootstrap: str, run: int) -> float:
         bare.stop()
 
 
-async def _committed_async(bootstrap: str, group: str) -> int:
+async def _committed_async(bootstrap: str, group: str, topic: str) -> int:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        offsets = await admin.list_consumer_group_offsets(group)
+        wanted = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        offsets = await admin.list_consumer_group_offsets(group, partitions=wanted)
         return sum(o.offset for o in offsets.values() if o.offset > 0)
     finally:
         await admin.close()
 
 
 def _committed(bootstrap: str, prefix: str) -> int:
-    """Offsets the scoring group committed, summed over the source partitions."""
-    return asyncio.run(_committed_async(bootstrap, prefix + "churnguard-scoring"))
+    """Offsets the scoring group committed on the usage topic, summed over partitions."""
+    group, topic = prefix + "churnguard-scoring", Topic.USAGE.name_in(prefix)
+    return asyncio.run(_committed_async(bootstrap, group, topic))
 
 
 def _one_run(home: Path, bootstrap: str, run_no: int) -> dict[str, float]:
