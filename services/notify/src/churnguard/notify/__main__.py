@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import uvicorn
 
 from churnguard.common.logs import configure_logging
@@ -12,6 +14,8 @@ from churnguard.notify.settings import NotifySettings
 def main() -> None:
     settings = NotifySettings()
     configure_logging("notify", settings.platform.log_level, settings.platform.log_format)
+    # the stripe library logs every request at INFO; the attempt rows have what matters
+    logging.getLogger("stripe").setLevel(logging.WARNING)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -20,7 +20,7 @@ from html import escape
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response, status
-from fastapi.responses import HTMLResponse, ORJSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import text
@@ -92,7 +92,6 @@ def create_app(settings: NotifySettings | None = None) -> FastAPI:
         version="0.1.0",
         description="The in-app inbox API for product apps (Bearer key), unsubscribe links, "
         "and the delivery log of each command.",
-        default_response_class=ORJSONResponse,
         lifespan=lifespan,
     )
 
@@ -146,8 +145,8 @@ def create_app(settings: NotifySettings | None = None) -> FastAPI:
         if consumer is None or not consumer.consumer.assignment():
             problems.append("consumer: no partitions assigned yet")
         if problems:
-            return ORJSONResponse({"status": "not ready", "problems": problems}, status_code=503)
-        return ORJSONResponse({"status": "ready", "instance": service.instance.key})
+            return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready", "instance": service.instance.key})
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
