@@ -40,7 +40,8 @@ async def killed_during(notify_env: NotifyEnv, topic: Topic, command: object) ->
     await asyncio.to_thread(
         wait_until, lambda: not proc.alive(), timeout=30, what="notify to kill itself"
     )
-    assert proc.popen is not None and proc.popen.returncode == -9, proc.log_tail()
+    assert proc.popen is not None
+    assert proc.popen.returncode == -9, proc.log_tail()
 
 
 async def test_sigkill_after_the_provider_call_sends_nothing_twice(notify_env: NotifyEnv) -> None:

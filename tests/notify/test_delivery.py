@@ -109,8 +109,10 @@ async def test_email_has_both_parts_and_the_headers(notify_env: NotifyEnv, notif
     assert msg.get_content_type() == "multipart/alternative"
     text_part = msg.get_body(preferencelist=("plain",))
     html_part = msg.get_body(preferencelist=("html",))
-    assert text_part is not None and html_part is not None
-    assert "in_123" in text_part.get_content() and "$49" in text_part.get_content()
+    assert text_part is not None
+    assert html_part is not None
+    assert "in_123" in text_part.get_content()
+    assert "$49" in text_part.get_content()
     assert "https://billing.acme.test/update" in html_part.get_content()
     events = await notify_env.outcomes(lambda ev: "delivered" in statuses(ev, cmd.id))
     assert statuses(events, cmd.id) == ["delivered"]
@@ -125,7 +127,8 @@ async def test_one_click_unsubscribe_suppresses_the_next_email(
     link = notify_env.smtp.to("lee@acme.test")[0]["List-Unsubscribe"].strip("<>")
     async with httpx.AsyncClient() as client:
         page = await client.get(link)
-        assert page.status_code == 200 and "lee@acme.test" in page.text
+        assert page.status_code == 200
+        assert "lee@acme.test" in page.text
         forged = await client.post(
             link.replace("token=", "token=x"), content="List-Unsubscribe=One-Click"
         )
@@ -187,7 +190,8 @@ async def test_stripe_gets_one_pay_call_per_idempotency_key(
     (failed,) = [e for e in events if e["data"]["action_id"] == declined.id]
     assert failed["data"]["status"] == "payment_failed"
     assert failed["data"]["decline_code"] == "insufficient_funds"
-    assert stripe.charges[ok.id] == 1 and stripe.charges[declined.id] == 1
+    assert stripe.charges[ok.id] == 1
+    assert stripe.charges[declined.id] == 1
     assert stripe.invoice_charges["in_ok_1"] == 1
 
 
@@ -214,10 +218,8 @@ async def test_transient_failures_retry_then_dead_letter(
     events = await notify_env.outcomes(lambda ev: statuses(ev, cmd.id))
     (outcome,) = [e for e in events if e["data"]["action_id"] == cmd.id]
     assert outcome["data"]["status"] == "failed"
-    assert (
-        "gave up after 3 attempts" in outcome["data"]["detail"]
-        and "451" in outcome["data"]["detail"]
-    )
+    assert "gave up after 3 attempts" in outcome["data"]["detail"]
+    assert "451" in outcome["data"]["detail"]
     dead = await notify_env.dead_letters(
         Topic.NOTIFICATIONS, lambda rs: any(cmd.id.encode() in r.value for r in rs)
     )
@@ -248,7 +250,8 @@ async def test_permanent_failures_fail_at_once(notify_env: NotifyEnv, notify: st
     )
     details = {e["data"]["action_id"]: e["data"]["detail"] for e in events}
     assert statuses(events, bounce.id) == ["failed"]
-    assert "invalid address" in details[bounce.id] and "550" in details[bounce.id]
+    assert "invalid address" in details[bounce.id]
+    assert "550" in details[bounce.id]
     assert "channel_not_found" in details[lost.id]
     assert "resource_missing" in details[missing.id]
     for cmd in (bounce, lost, missing):
@@ -266,7 +269,8 @@ async def test_bad_variables_fail_with_the_field_and_dead_letter(
     await notify_env.send(Topic.NOTIFICATIONS, bad, unknown)
     events = await notify_env.outcomes(lambda ev: statuses(ev, bad.id) and statuses(ev, unknown.id))
     details = {e["data"]["action_id"]: e["data"]["detail"] for e in events}
-    assert "health" in details[bad.id] and "less than or equal to 100" in details[bad.id]
+    assert "health" in details[bad.id]
+    assert "less than or equal to 100" in details[bad.id]
     assert "unknown template 'no_such_template'" in details[unknown.id]
     await notify_env.dead_letters(
         Topic.NOTIFICATIONS,
@@ -310,10 +314,12 @@ async def test_in_app_inbox_stream_read_and_dismiss(notify_env: NotifyEnv, notif
         )
         await notify_env.send(Topic.NOTIFICATIONS, cmd)
         await asyncio.wait_for(listener, 20)
-        assert cmd.id in received[0] and "dashboards" in received[0]
+        assert cmd.id in received[0]
+        assert "dashboards" in received[0]
 
         (message,) = (await client.get("/v1/inbox/messages", params={"user_id": user})).json()
-        assert message["action_id"] == cmd.id and message["read_at"] is None
+        assert message["action_id"] == cmd.id
+        assert message["read_at"] is None
         assert (await client.post(f"/v1/inbox/messages/{message['id']}/read")).status_code == 200
         assert (await client.post(f"/v1/inbox/messages/{message['id']}/read")).status_code == 200
         assert (await client.get("/v1/inbox/messages", params={"user_id": user})).json() == []
@@ -331,7 +337,8 @@ async def test_csm_task_and_signed_webhook(notify_env: NotifyEnv, notify: str) -
     hook = notification("webhook", "risk_alert", "crm", RISK_VARIABLES)
     await notify_env.send(Topic.NOTIFICATIONS, task, hook)
     events = await notify_env.outcomes(lambda ev: statuses(ev, task.id) and statuses(ev, hook.id))
-    assert statuses(events, task.id) == ["delivered"] and statuses(events, hook.id) == ["delivered"]
+    assert statuses(events, task.id) == ["delivered"]
+    assert statuses(events, hook.id) == ["delivered"]
     async with httpx.AsyncClient(base_url=notify, headers=AUTH) as client:
         tasks = (await client.get("/v1/csm-tasks", params={"assignee": "csm_dana"})).json()
     assert [t["action_id"] for t in tasks] == [task.id]
