@@ -34,6 +34,9 @@ def stack_env() -> Iterator[dict[str, str]]:
             "CHURNGUARD_DEV_POSTGRES_PORT": str(free_port()),
             "CHURNGUARD_DEV_INGEST_PORT": str(free_port()),
             "CHURNGUARD_DEV_SCORING_PORT": str(free_port()),
+            "CHURNGUARD_DEV_NOTIFY_PORT": str(free_port()),
+            "CHURNGUARD_DEV_MAILBOX_PORT": str(free_port()),
+            "CHURNGUARD_DEV_SMTP_PORT": str(free_port()),
         }
     )
     yield env
@@ -57,7 +60,14 @@ def test_up_twice_status_down_leaves_nothing_behind(stack_env: dict[str, str]) -
     assert up.returncode == 0, up.stdout + up.stderr
     state = json.loads((Path(stack_env["CHURNGUARD_DEV_HOME"]) / "stack.json").read_text())
     pids = [state["supervisor_pid"]] + [c["pid"] for c in state["components"].values()]
-    assert set(state["components"]) == {"kafka", "postgres", "ingest", "scoring"}
+    assert set(state["components"]) == {
+        "kafka",
+        "postgres",
+        "ingest",
+        "scoring",
+        "mailbox",
+        "notify",
+    }
 
     status = cli(stack_env, "dev", "status")
     assert status.returncode == 0, status.stdout

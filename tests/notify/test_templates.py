@@ -182,7 +182,8 @@ def test_money_formats() -> None:
 def test_readme_lists_every_template_and_variable() -> None:
     readme = README.read_text()
     for template, spec in CATALOGUE.items():
-        assert f"`{template}`" in readme, template
-        section = readme.split(f"`{template}`", 1)[1][:3000]
+        row = f"| `{template}` |"
+        assert row in readme, template
+        section = readme.split(row, 1)[1].split("\n", 1)[0]
         for name in spec.variables.model_fields:
             assert f"`{name}`" in section, f"{template}.{name} missing from the README"

@@ -235,8 +235,11 @@ class SlackStandIn:
         token: str = "xoxb-test-token",
         channels: dict[str, str] | None = None,
         folder: Path | None = None,
+        any_channel: bool = False,
     ) -> None:
         self.token = token
+        self.any_channel = any_channel
+        """Every channel exists (the dev mailbox); otherwise unknown ones are not found."""
         # channel id -> name; names (#name) resolve to their id, like Slack does for posting
         self.channels = channels if channels is not None else {"C0CSALERTS": "cs-alerts"}
         self.log = folder / "slack.jsonl" if folder else None
@@ -268,6 +271,9 @@ class SlackStandIn:
                 return cid
         if channel.startswith(("U", "W")):  # a DM to a user opens a D channel
             return "D" + channel[1:]
+        if self.any_channel and channel:
+            self.channels["C" + name.upper().replace("-", "")[:10]] = name
+            return self._channel_id(channel)
         return None
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
@@ -322,7 +328,7 @@ class SlackStandIn:
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.json_response({"ok": False, "error": "invalid_auth"})
         channel = str(body.get("channel", ""))
-        if channel not in self.channels and not channel.startswith("D"):
+        if self._channel_id(channel) is None and not channel.startswith("D"):
             return web.json_response({"ok": False, "error": "channel_not_found"})
         oldest = float(body.get("oldest") or 0)
         found = [m for m in self.messages if m["channel"] == channel and float(m["ts"]) >= oldest]
@@ -452,8 +458,14 @@ class StripeStandIn:
     key charges nothing); ``calls`` counts requests per key.
     """
 
-    def __init__(self, api_key: str = "sk_test_standin", folder: Path | None = None) -> None:
+    def __init__(
+        self,
+        api_key: str = "sk_test_standin",
+        folder: Path | None = None,
+        decline_suffix: str | None = None,
+    ) -> None:
         self.api_key = api_key
+        self.decline_suffix = decline_suffix
         self.log = folder / "stripe.jsonl" if folder else None
         self.declines: dict[str, str] = {}
         self.paid: set[str] = set()
@@ -518,6 +530,8 @@ class StripeStandIn:
                     "message": f"No such invoice: '{invoice}'",
                 }
             }
+        if self.decline_suffix and invoice.endswith(self.decline_suffix):
+            self.declines.setdefault(invoice, "insufficient_funds")
         if invoice in self.declines:
             code = self.declines[invoice]
             return 402, {
