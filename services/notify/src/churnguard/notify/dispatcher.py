@@ -183,15 +183,26 @@ class Dispatcher:
     # -- one attempt ----------------------------------------------------------------------
 
     async def attempt(self, channel: Channel, delivery_id: int) -> None:
+        # one transaction loads the delivery, runs the local checks and, when it is to be
+        # sent, marks it sending with its attempt row: claim before send
         async with self.sessions() as session, session.begin():
-            row = await DeliveryRepository(session, self.instance).load(delivery_id)
-        if row is None:
-            return  # finished meanwhile, or leased by another live instance
-        command = _COMMAND.validate_python(row.command)
+            repo = DeliveryRepository(session, self.instance)
+            row = await repo.load(delivery_id)
+            if row is None:
+                return  # finished meanwhile, or leased by another live instance
+            command = _COMMAND.validate_python(row.command)
+            with bind_event(command.id, command.subject):
+                claimed = None if row.in_doubt else await self._claim(channel, row, command, repo)
         with bind_event(command.id, command.subject):
-            await self._attempt(channel, row, command)
+            if row.in_doubt:
+                await self._resolve(channel, row, command)
+            elif claimed is not None:
+                await self._send(channel, row, command, *claimed)
 
-    async def _attempt(self, channel: Channel, row: DeliveryRow, command: Command) -> None:
+    async def _claim(
+        self, channel: Channel, row: DeliveryRow, command: Command, repo: DeliveryRepository
+    ) -> tuple[Job, int] | None:
+        """Local checks, then ``sending`` + the attempt row; None if not to be sent now."""
         lane = channel.lane
         try:
             variables = (
@@ -200,56 +211,62 @@ class Dispatcher:
                 else None
             )
         except TemplateError as exc:  # the catalogue changed between intake and now
-            await self._finish(row, command, "failed", exc.reason, attempt_status="permanent")
-            return
+            await self._finish(row, command, "failed", exc.reason, "permanent", repo)
+            return None
         job = Job(row.id, command, variables, row.attempts + 1, row.last_started_at)
-
-        if row.in_doubt:
-            resolution = await channel.resolve_in_doubt(job)
-            metrics.IN_DOUBT.labels(lane, resolution.value).inc()
-            log.warning(
-                "in-doubt attempt resolved: %s",
-                resolution.value,
-                extra={"channel": lane, "policy": channel.in_doubt_policy},
-            )
-            if resolution is InDoubt.DELIVERED:
-                status: OutcomeStatus = "delivered"
-                await self._finish(row, command, status, "confirmed after an interrupted attempt")
-                return
-            if resolution is InDoubt.UNKNOWN:
-                await self._finish(
-                    row,
-                    command,
-                    "failed",
-                    "in doubt: the process stopped during the provider call, whose result "
-                    "cannot be looked up; not sent again so that it is never sent twice",
-                    attempt_status="in_doubt",
-                )
-                return
-
         try:
             gate = await channel.before_send(job)
         except DeliveryError as exc:
-            await self._finish(row, command, "failed", exc.reason, attempt_status="permanent")
-            return
+            await self._finish(row, command, "failed", exc.reason, "permanent", repo)
+            return None
         if isinstance(gate, Suppressed):
-            await self._finish(row, command, "suppressed", gate.reason, attempt_status="suppressed")
-            return
+            await self._finish(row, command, "suppressed", gate.reason, "suppressed", repo)
+            return None
         if isinstance(gate, Deferred):
             metrics.DEFERRALS.labels(lane).inc()
-            async with self.sessions() as session, session.begin():
-                await DeliveryRepository(session, self.instance).reschedule(
-                    row.id, gate.delay_s, "deferred: target rate limited"
-                )
-            return
+            await repo.reschedule(row.id, gate.delay_s, "deferred: target rate limited")
+            return None
+        attempt = await repo.start_attempt(row.id, lane, self.settings.lease_s)
+        return None if attempt is None else (job, attempt)
 
-        async with self.sessions() as session, session.begin():
-            attempt = await DeliveryRepository(session, self.instance).start_attempt(
-                row.id, lane, self.settings.lease_s
+    async def _resolve(self, channel: Channel, row: DeliveryRow, command: Command) -> None:
+        """An attempt interrupted during its provider call: ask the channel what to do."""
+        lane = channel.lane
+        variables = (
+            validate(command.data.template, command.data.channel, command.data.variables)
+            if isinstance(command, NotificationRequested)
+            else None
+        )
+        job = Job(row.id, command, variables, row.attempts + 1, row.last_started_at)
+        resolution = await channel.resolve_in_doubt(job)
+        metrics.IN_DOUBT.labels(lane, resolution.value).inc()
+        log.warning(
+            "in-doubt attempt resolved: %s",
+            resolution.value,
+            extra={"channel": lane, "policy": channel.in_doubt_policy},
+        )
+        if resolution is InDoubt.DELIVERED:
+            await self._finish(
+                row, command, "delivered", "confirmed after an interrupted attempt", "delivered"
             )
-        if attempt is None:
-            return
+        elif resolution is InDoubt.UNKNOWN:
+            await self._finish(
+                row,
+                command,
+                "failed",
+                "in doubt: the process stopped during the provider call, whose result "
+                "cannot be looked up; not sent again so that it is never sent twice",
+                "in_doubt",
+            )
+        else:
+            async with self.sessions() as session, session.begin():
+                await DeliveryRepository(session, self.instance).clear_in_doubt(row.id)
+            await self.attempt(channel, row.id)
 
+    async def _send(
+        self, channel: Channel, row: DeliveryRow, command: Command, job: Job, attempt: int
+    ) -> None:
+        lane = channel.lane
         started = time.perf_counter()
         result: Sent | DeliveryError
         try:
@@ -362,16 +379,25 @@ class Dispatcher:
         command: Command,
         status: OutcomeStatus,
         detail: str | None,
-        *,
-        attempt_status: str | None = None,
+        attempt_status: str,
+        repo: DeliveryRepository | None = None,
     ) -> None:
         """End a delivery without a provider call (suppressed, resolved in doubt, invalid)."""
+        if repo is None:
+            async with self.sessions() as session, session.begin():
+                await self._finish(
+                    row,
+                    command,
+                    status,
+                    detail,
+                    attempt_status,
+                    DeliveryRepository(session, self.instance),
+                )
+            return
         lane = lane_of(command)
-        async with self.sessions() as session, session.begin():
-            repo = DeliveryRepository(session, self.instance)
-            await repo.record_local_attempt(row.id, lane, attempt_status or status, detail or "")
-            await repo.finish(row.id, status, detail)
-            await repo.add_outbox([outcome_row(for_command(command, status, detail))])
+        await repo.record_local_attempt(row.id, lane, attempt_status, detail or "")
+        await repo.finish(row.id, status, detail)
+        await repo.add_outbox([outcome_row(for_command(command, status, detail))])
         metrics.SENDS.labels(lane, status).inc()
         self.wake_outbox()
 

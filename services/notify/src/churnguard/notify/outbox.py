@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 500
 KEEP_PUBLISHED_S = 24 * 3600.0
+LINGER_S = 0.005
 
 
 class OutboxPublisher:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, text
@@ -31,6 +31,14 @@ from churnguard.notify.tables import (
 )
 
 INSTANCE_LOCK_CLASS = 0x4E4F5446  # "NOTF": the first key of notify's advisory locks
+
+_CLAIM = (
+    insert(deliveries)
+    .on_conflict_do_nothing(index_elements=[deliveries.c.command_id])
+    .returning(deliveries.c.command_id, deliveries.c.id)
+)
+
+_OUTBOX = insert(outbox).on_conflict_do_nothing(index_elements=[outbox.c.dedupe_key])
 
 _DEAD = """NOT EXISTS (
     SELECT 1 FROM pg_locks l
@@ -71,13 +79,9 @@ class DeliveryRepository:
         """Insert the commands not seen before; {command id: delivery id} of those claimed."""
         if not rows:
             return {}
-        statement = (
-            insert(deliveries)
-            .values(list(rows))
-            .on_conflict_do_nothing(index_elements=[deliveries.c.command_id])
-            .returning(deliveries.c.command_id, deliveries.c.id)
-        )
-        return {cid: did for cid, did in (await self.session.execute(statement)).all()}
+        # executemany: one cached statement, which SQLAlchemy sends as multi-row VALUES
+        result = await self.session.execute(_CLAIM, list(rows))
+        return {cid: did for cid, did in result.all()}
 
     # -- scheduling -----------------------------------------------------------------------
 
@@ -194,6 +198,11 @@ class DeliveryRepository:
         )
         return int(attempt)
 
+    async def clear_in_doubt(self, delivery_id: int) -> None:
+        await self.session.execute(
+            deliveries.update().where(deliveries.c.id == delivery_id).values(in_doubt=False)
+        )
+
     async def finish_attempt(
         self,
         delivery_id: int,
@@ -246,6 +255,27 @@ class DeliveryRepository:
             },
         )
 
+    async def record_local_attempts(self, attempts: Sequence[tuple[int, str, str, str]]) -> None:
+        """First (and only) attempts that called no provider: (delivery, channel, status,
+        response) each, e.g. in-app messages stored at intake."""
+        if attempts:
+            now = datetime.now(UTC)
+            await self.session.execute(
+                insert(delivery_attempts),
+                [
+                    {
+                        "delivery_id": d,
+                        "attempt": 1,
+                        "channel": channel,
+                        "instance": self.instance,
+                        "status": status,
+                        "provider_response": response,
+                        "finished_at": now,
+                    }
+                    for d, channel, status, response in attempts
+                ],
+            )
+
     async def finish(self, delivery_id: int, status: str, detail: str | None) -> None:
         await self.session.execute(
             deliveries.update()
@@ -295,11 +325,7 @@ class DeliveryRepository:
 
     async def add_outbox(self, rows: Sequence[OutboxRow]) -> None:
         if rows:
-            await self.session.execute(
-                insert(outbox)
-                .values([r.values() for r in rows])
-                .on_conflict_do_nothing(index_elements=[outbox.c.dedupe_key])
-            )
+            await self.session.execute(_OUTBOX, [r.values() for r in rows])
 
 
 class OutboxRepository:
@@ -351,25 +377,26 @@ class InboxRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def add_message(self, values: dict[str, Any]) -> int | None:
+    async def add_messages(self, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+        """Store messages (once per command id); {command id: message id} of new ones."""
         statement = (
             insert(inbox_messages)
-            .values(**values)
             .on_conflict_do_nothing(index_elements=[inbox_messages.c.command_id])
-            .returning(inbox_messages.c.id)
+            .returning(inbox_messages.c.command_id, inbox_messages.c.id)
         )
-        new_id = (await self.session.execute(statement)).scalar_one_or_none()
-        return None if new_id is None else int(new_id)
+        return {
+            cid: int(mid) for cid, mid in (await self.session.execute(statement, list(rows))).all()
+        }
 
-    async def add_task(self, values: dict[str, Any]) -> int | None:
+    async def add_tasks(self, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
         statement = (
             insert(csm_tasks)
-            .values(**values)
             .on_conflict_do_nothing(index_elements=[csm_tasks.c.command_id])
-            .returning(csm_tasks.c.id)
+            .returning(csm_tasks.c.command_id, csm_tasks.c.id)
         )
-        new_id = (await self.session.execute(statement)).scalar_one_or_none()
-        return None if new_id is None else int(new_id)
+        return {
+            cid: int(tid) for cid, tid in (await self.session.execute(statement, list(rows))).all()
+        }
 
     async def messages(
         self,

@@ -14,10 +14,12 @@ import contextlib
 import logging
 import os
 import signal
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
-from churnguard.common.db import create_engine, session_factory
-from churnguard.common.kafka import ConsumerLoop, DeadLetterBreaker, make_producer
+from churnguard.common.db import create_engine, run_migrations_async, session_factory
+from churnguard.common.kafka import DeadLetterBreaker, make_producer
 from churnguard.common.topics import Topic
 from churnguard.notify.channels.base import Channel
 from churnguard.notify.channels.email import EmailChannel
@@ -31,7 +33,7 @@ from churnguard.notify.channels.slack import SlackChannel
 from churnguard.notify.channels.webhook import WebhookChannel
 from churnguard.notify.dispatcher import Dispatcher
 from churnguard.notify.instance import Instance
-from churnguard.notify.intake import Intake, inbox_channel
+from churnguard.notify.intake import Intake, IntakeLoop, inbox_channel
 from churnguard.notify.outbox import OutboxPublisher
 from churnguard.notify.repository import SuppressionRepository
 from churnguard.notify.settings import NotifySettings
@@ -52,6 +54,9 @@ class NotifyService:
             schema=settings.db_schema,
             application_name="churnguard-notify",
             pool_size=settings.concurrency * 2 + 4,
+            # no ping per checkout (a round trip per transaction): a lost PostgreSQL ends
+            # the process anyway, through the liveness connection (Instance.watch)
+            pool_pre_ping=False,
         )
         self.sessions = session_factory(self.engine)
         self.producer = make_producer(
@@ -68,7 +73,7 @@ class NotifyService:
         self.outbox = OutboxPublisher(self.sessions, self.producer, platform.topic_prefix)
         self.channels = self._channels()
         self.dispatcher: Dispatcher | None = None
-        self.consumer: ConsumerLoop | None = None
+        self.consumer: IntakeLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.started = False
 
@@ -117,6 +122,14 @@ class NotifyService:
     async def start(self) -> None:
         s = self.settings
         platform = s.platform
+        # its own schema at start-up (as churnguard.common.db intends; serialized by an
+        # advisory lock, so replicas starting together are safe): docker-compose's one-shot
+        # setup runs from another service's image, which does not hold notify's migrations
+        await run_migrations_async(
+            platform.database_url.get_secret_value(),
+            s.db_schema,
+            Path(str(resources.files("churnguard.notify") / "migrations")),
+        )
         await self.instance.start()
         await self.producer.start()
         self.dispatcher = Dispatcher(
@@ -135,7 +148,8 @@ class NotifyService:
             schema=s.db_schema,
             wake_outbox=self.outbox.wake,
         )
-        self.consumer = ConsumerLoop(
+        self.consumer = IntakeLoop(
+            intake=intake,
             name="churnguard-notify",
             bootstrap=platform.kafka_bootstrap,
             topics=[
@@ -143,7 +157,6 @@ class NotifyService:
                 Topic.PAYMENT_RETRIES.name_in(platform.topic_prefix),
             ],
             group_id=s.group_id,
-            process=intake.process,
             dead_letter_topic=lambda topic: topic + ".dlq",
             producer=self.producer,
             breaker=DeadLetterBreaker(platform.dead_letter_max_ratio, platform.dead_letter_window),

@@ -38,7 +38,10 @@ def parse_name_map(raw: str, setting: str) -> dict[str, str]:
 class NotifySettings(ServiceSettings):
     """Notify's own settings (env prefix ``CHURNGUARD_NOTIFY_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="CHURNGUARD_NOTIFY_", extra="ignore")
+    # an empty variable means "not set": docker-compose passes `${SLACK_BOT_TOKEN:-}` as ""
+    model_config = SettingsConfigDict(
+        env_prefix="CHURNGUARD_NOTIFY_", extra="ignore", env_ignore_empty=True
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(default=8083, ge=1, le=65535)
