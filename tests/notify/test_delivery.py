@@ -95,6 +95,28 @@ async def test_slack_alert_is_block_kit_and_waits_out_a_429(
     assert all(a.latency_ms is not None for a in attempts)
 
 
+async def test_a_lost_answer_from_slack_is_looked_up_not_posted_again(
+    notify_env: NotifyEnv, notify: str
+) -> None:
+    slack = notify_env.slack
+    slack.drop_after_posting_next(1)
+    cmd = notification("slack", "risk_alert", ALERTS, RISK_VARIABLES)
+    await notify_env.send(Topic.NOTIFICATIONS, cmd)
+    events = await notify_env.outcomes(lambda ev: statuses(ev, cmd.id))
+    assert statuses(events, cmd.id) == ["delivered"]
+
+    def posts() -> list[dict[str, Any]]:
+        return [m for m in slack.messages if m["metadata"]["event_payload"]["action_id"] == cmd.id]
+
+    assert len(posts()) == 1
+    attempts = await notify_env.query(
+        "SELECT a.status FROM delivery_attempts a JOIN deliveries d "
+        "ON d.id = a.delivery_id WHERE d.command_id = :id ORDER BY a.attempt",
+        id=cmd.id,
+    )
+    assert [a.status for a in attempts] == ["transient", "delivered"]
+
+
 async def test_email_has_both_parts_and_the_headers(notify_env: NotifyEnv, notify: str) -> None:
     cmd = notification("email", "payment_failed", "sam@acme.test", PAYMENT_VARIABLES)
     await notify_env.send(Topic.NOTIFICATIONS, cmd)

@@ -247,6 +247,7 @@ class SlackStandIn:
         self.requests: list[dict[str, Any]] = []
         """Every request as received (also the refused ones), with its arrival time."""
         self._failures: list[ScriptedFailure] = []
+        self._drops = 0
         self._ts = itertools.count(1)
         self.app = web.Application()
         self.app.router.add_post("/api/chat.postMessage", self._post_message)
@@ -258,6 +259,11 @@ class SlackStandIn:
         body = {"ok": False, "error": "ratelimited" if status == 429 else "internal_error"}
         headers = {"Retry-After": str(retry_after)} if status == 429 else {}
         self._failures += [ScriptedFailure(status, body, headers)] * times
+
+    def drop_after_posting_next(self, times: int = 1) -> None:
+        """Post the next messages, then drop the connection before answering: the
+        sender cannot know whether the message went out (a timeout after Slack took it)."""
+        self._drops += times
 
     def in_channel(self, channel: str) -> list[dict[str, Any]]:
         return [m for m in self.messages if m["channel"] == self._channel_id(channel)]
@@ -319,6 +325,11 @@ class SlackStandIn:
         if "blocks" in body and (problems := block_kit_problems(body["blocks"])):
             return web.json_response({"ok": False, "error": "invalid_blocks", "errors": problems})
         message = self._store(channel_id, body, "chat.postMessage")
+        if self._drops:
+            self._drops -= 1
+            if request.transport is not None:
+                request.transport.close()
+            raise web.HTTPServiceUnavailable()  # never reaches the client: the socket is gone
         return web.json_response(
             {"ok": True, "channel": channel_id, "ts": message["ts"], "message": message}
         )

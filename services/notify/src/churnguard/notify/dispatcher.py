@@ -275,7 +275,7 @@ class Dispatcher:
             result = exc
         except TimeoutError:
             result = TransientError(
-                f"{lane}: no answer within {self.settings.provider_timeout_s} s"
+                f"{lane}: no answer within {self.settings.provider_timeout_s} s", ambiguous=True
             )
         except Exception as exc:  # a bug or an unexpected library error: retry, then give up
             log.exception("unexpected error from %s", lane)
@@ -353,7 +353,10 @@ class Dispatcher:
                     delay = max(delay, result.retry_after_s)
                 await repo.finish_attempt(row.id, attempt, "transient", result.response, latency_ms)
                 await repo.reschedule(
-                    row.id, delay, f"retry {attempt + 1} in {delay:.1f} s: {result.reason}"
+                    row.id,
+                    delay,
+                    f"retry {attempt + 1} in {delay:.1f} s: {result.reason}",
+                    in_doubt=result.ambiguous,
                 )
                 metrics.RETRIES.labels(lane).inc()
                 final = "retry"

@@ -291,18 +291,27 @@ class DeliveryRepository:
             )
         )
 
-    async def reschedule(self, delivery_id: int, delay_s: float, detail: str | None) -> None:
-        """Back to the queue, due in ``delay_s``, leased to nobody (any instance may take it)."""
+    async def reschedule(
+        self, delivery_id: int, delay_s: float, detail: str | None, *, in_doubt: bool = False
+    ) -> None:
+        """Back to the queue, due in ``delay_s``, leased to nobody (any instance may take it);
+        ``in_doubt`` when the failed attempt may have taken effect."""
         await self.session.execute(
             text(
                 """
                 UPDATE deliveries SET state = 'queued',
                        due_at = now() + make_interval(secs => :delay),
-                       locked_by = NULL, locked_until = NULL, detail = :detail
+                       locked_by = NULL, locked_until = NULL, detail = :detail,
+                       in_doubt = :in_doubt
                 WHERE id = :id
                 """
             ),
-            {"id": delivery_id, "delay": delay_s, "detail": detail[:2000] if detail else None},
+            {
+                "id": delivery_id,
+                "delay": delay_s,
+                "detail": detail[:2000] if detail else None,
+                "in_doubt": in_doubt,
+            },
         )
 
     async def attempts_of(self, command_id: str) -> builtins.list[dict[str, Any]]:

@@ -37,13 +37,24 @@ class DeliveryError(Exception):
 
 
 class TransientError(DeliveryError):
-    """Worth retrying: 5xx, timeouts, connection errors, 429, SMTP 4xx."""
+    """Worth retrying: 5xx, timeouts, connection errors, 429, SMTP 4xx.
+
+    ``ambiguous``: the request may have reached the provider and taken effect (a timeout
+    or a dropped connection after it was sent). The retry is then treated like an
+    interrupted attempt: the channel's :meth:`Channel.resolve_in_doubt` decides first.
+    """
 
     def __init__(
-        self, reason: str, *, response: str | None = None, retry_after_s: float | None = None
+        self,
+        reason: str,
+        *,
+        response: str | None = None,
+        retry_after_s: float | None = None,
+        ambiguous: bool = False,
     ) -> None:
         super().__init__(reason, response=response)
         self.retry_after_s = retry_after_s
+        self.ambiguous = ambiguous
 
 
 class PermanentError(DeliveryError):

@@ -12,15 +12,19 @@ Every message has:
 * ``X-Churnguard-Action-Id``: the command id.
 
 A contact who unsubscribed is suppressed before any SMTP connection is made.
-SMTP 4xx replies, timeouts and dropped connections are transient; 5xx are permanent
-(an invalid or unknown address is 550/553, a rejected message 554).
+Connections are pooled (one per busy worker). SMTP 4xx replies and failures to connect
+are transient; 5xx are permanent (an invalid or unknown address is 550/553, a rejected
+message 554); a connection lost *during* a message is ambiguous (the server may have
+queued it), so that delivery is treated as in doubt and not sent again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
@@ -40,6 +44,9 @@ from churnguard.notify.channels.base import (
 )
 from churnguard.notify.signing import unsubscribe_token
 from churnguard.notify.templates import render_email
+
+MAX_IDLE_S = 60.0
+CHECK_AFTER_IDLE_S = 5.0
 
 ADDRESS = re.compile(r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\"]+$")
 
@@ -84,6 +91,7 @@ class EmailChannel(Channel):
         self.is_unsubscribed = is_unsubscribed
         self.timeout_s = timeout_s
         self.tls_context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
 
     def unsubscribe_url(self, address: str) -> str:
         token = unsubscribe_token(self.unsubscribe_secret, address)
@@ -119,24 +127,59 @@ class EmailChannel(Channel):
         msg.add_alternative(rendered.html, subtype="html")
         return msg
 
+    async def _connection(self) -> aiosmtplib.SMTP:
+        """A connected, authenticated client: an idle pooled one, or a new one.
+
+        One connection (EHLO, STARTTLS, AUTH) per message would cost a TLS handshake and
+        several round trips each time; a pooled connection idle for a while is checked
+        with NOOP first, so a server that closed it is noticed before a message is sent
+        (a connection lost *during* a message is ambiguous, see :meth:`send`).
+        """
+        while self._idle:
+            client, since = self._idle.pop()
+            if not client.is_connected or time.monotonic() - since > MAX_IDLE_S:
+                client.close()
+                continue
+            if time.monotonic() - since > CHECK_AFTER_IDLE_S:
+                try:
+                    await client.noop()
+                except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                    client.close()
+                    continue
+            return client
+        client = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            username=self.username,
+            password=self.password,
+            use_tls=self.security == "tls",
+            start_tls=self.security == "starttls",
+            tls_context=self.tls_context,
+            timeout=self.timeout_s,
+        )
+        await client.connect()
+        return client
+
     async def send(self, job: Job) -> Sent:
         if not self.host:
             raise PermanentError("email: not configured (CHURNGUARD_NOTIFY_SMTP_HOST is unset)")
         msg = self.build(job)
         try:
-            _errors, reply = await aiosmtplib.send(
-                msg,
-                sender=parseaddr(self.sender)[1],
-                hostname=self.host,
-                port=self.port,
-                username=self.username,
-                password=self.password,
-                use_tls=self.security == "tls",
-                start_tls=self.security == "starttls",
-                tls_context=self.tls_context,
-                timeout=self.timeout_s,
-            )
+            client = await self._connection()
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise PermanentError(
+                f"email: SMTP authentication failed ({exc.code} {exc.message}): check "
+                "CHURNGUARD_NOTIFY_SMTP_USERNAME and _PASSWORD"
+            ) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            raise TransientError(f"email: connecting: {exc.code} {exc.message}") from None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            # refused, unreachable, TLS failure: nothing was sent
+            raise TransientError(f"email: connecting: {type(exc).__name__}: {exc}") from None
+        try:
+            _, reply = await client.send_message(msg, sender=parseaddr(self.sender)[1])
         except aiosmtplib.SMTPRecipientsRefused as exc:
+            self._release(client)
             refused = exc.recipients[0] if exc.recipients else None
             code = refused.code if refused else 550
             text = f"{code} {refused.message if refused else exc}"
@@ -144,11 +187,32 @@ class EmailChannel(Channel):
                 raise TransientError(f"email: recipient deferred: {text}", response=text) from None
             raise PermanentError(f"email: invalid address: {text}", response=text) from None
         except aiosmtplib.SMTPResponseException as exc:
+            # the server answered (and so did not take the message): say it, reset, reuse
+            self._release(client, reset=True)
             text = f"{exc.code} {exc.message}"
             if 400 <= exc.code < 500:
                 raise TransientError(f"email: {text}", response=text) from None
             raise PermanentError(f"email: {text}", response=text) from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            # connection refused or dropped, timeouts, TLS handshake failures
-            raise TransientError(f"email: {type(exc).__name__}: {exc}") from None
+            # the connection died mid-transaction: the server may or may not have taken it
+            client.close()
+            raise TransientError(
+                f"email: {type(exc).__name__} during the SMTP transaction: {exc}",
+                ambiguous=True,
+            ) from None
+        self._release(client)
         return Sent("delivered", response=reply.strip()[:500])
+
+    def _release(self, client: aiosmtplib.SMTP, *, reset: bool = False) -> None:
+        if not client.is_connected:
+            return
+        if reset:  # after a refused MAIL or DATA: start the next message cleanly
+            client.close()
+            return
+        self._idle.append((client, time.monotonic()))
+
+    async def close(self) -> None:
+        while self._idle:
+            client, _ = self._idle.pop()
+            with contextlib.suppress(Exception):
+                await client.quit()

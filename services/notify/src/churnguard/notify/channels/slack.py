@@ -364,8 +364,10 @@ class SlackChannel(Channel):
             if status >= 500 or error in TRANSIENT_ERRORS:
                 raise TransientError(f"slack: {error or status}", response=body) from None
             raise PermanentError(f"slack: {error or status}", response=body) from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except aiohttp.ClientConnectorError as exc:  # never reached Slack
             raise TransientError(f"slack: {type(exc).__name__}: {exc}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:  # sent, answer lost: maybe posted
+            raise TransientError(f"slack: {type(exc).__name__}: {exc}", ambiguous=True) from None
         ts = response.get("ts")
         channel = response.get("channel")
         return Sent("delivered", response=f"ok channel={channel} ts={ts}")
@@ -385,8 +387,12 @@ class SlackChannel(Channel):
             response = await client.send(
                 text=text, blocks=blocks, metadata=metadata, unfurl_links=False, unfurl_media=False
             )
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except aiohttp.ClientConnectorError as exc:
             raise TransientError(f"slack webhook: {type(exc).__name__}: {exc}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise TransientError(
+                f"slack webhook: {type(exc).__name__}: {exc}", ambiguous=True
+            ) from None
         body = f"{response.status_code} {response.body}"
         if response.status_code == 200:
             return Sent("delivered", response=body)
