@@ -380,11 +380,16 @@ class SmtpSink:
         username: str | None = None,
         password: str | None = None,
         tls_context: Any = None,
+        implicit_tls_context: Any = None,
     ) -> None:
+        """``tls_context``: offer (and require) STARTTLS; ``implicit_tls_context``: TLS from
+        the first byte (port 465 style)."""
         from aiosmtpd.controller import Controller
 
         self.folder = folder / "emails" if folder else None
         self.messages: list[EmailMessage] = []
+        self.encrypted: list[bool] = []
+        """Per message: whether its session ran over TLS."""
         self._failures: list[int] = []
         self.username = username
         self.password = password
@@ -406,6 +411,9 @@ class SmtpSink:
                 message = email.message_from_bytes(envelope.content, policy=email.policy.default)
                 assert isinstance(message, EmailMessage)
                 sink.messages.append(message)
+                transport = getattr(server, "transport", None)
+                ssl_object = transport.get_extra_info("ssl_object") if transport else None
+                sink.encrypted.append(session.ssl is not None or ssl_object is not None)
                 if sink.folder is not None:
                     sink.folder.mkdir(parents=True, exist_ok=True)
                     name = f"{time.time():.6f}-{len(sink.messages)}.eml"
@@ -421,16 +429,22 @@ class SmtpSink:
             return AuthResult(success=ok)
 
         kwargs: dict[str, Any] = {}
+        self.tls = tls_context is not None or implicit_tls_context is not None
         if username is not None:
             kwargs.update(
                 authenticator=authenticate,
                 auth_required=True,
+                # aiosmtpd only counts STARTTLS as TLS; an implicit-TLS socket is one anyway
                 auth_require_tls=tls_context is not None,
             )
         if tls_context is not None:
             kwargs.update(tls_context=tls_context, require_starttls=True)
         self.controller = Controller(
-            Handler(), hostname="127.0.0.1", port=port or _free_port(), **kwargs
+            Handler(),
+            hostname="127.0.0.1",
+            port=port or _free_port(),
+            ssl_context=implicit_tls_context,
+            **kwargs,
         )
 
     @property
