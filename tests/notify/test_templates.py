@@ -187,3 +187,12 @@ def test_readme_lists_every_template_and_variable() -> None:
         section = readme.split(row, 1)[1].split("\n", 1)[0]
         for name in spec.variables.model_fields:
             assert f"`{name}`" in section, f"{template}.{name} missing from the README"
+
+
+def test_readme_lists_every_setting() -> None:
+    from churnguard.notify.settings import NotifySettings
+
+    section = README.read_text().split("## Settings", 1)[1].split("\n## ", 1)[0]
+    for name in NotifySettings.model_fields:
+        if name != "platform":
+            assert f"`{name.upper()}`" in section, f"CHURNGUARD_NOTIFY_{name.upper()}"
