@@ -259,7 +259,8 @@ def run() -> dict[str, float]:
         pg.start()
         asyncio.run(ensure_topics(broker.bootstrap, planned_topics()))
         rig = NotifyRig(broker.bootstrap, pg.url, home).start()
-        assert rig.process is not None and rig.process.pid is not None
+        assert rig.process is not None
+        assert rig.process.pid is not None
         server = psutil.Process(rig.process.pid)
         asyncio.run(deliver(broker.bootstrap, "", "in_app", 50, "warmup"))
         for repeat in range(REPEATS):
