@@ -71,9 +71,9 @@ def test_up_twice_status_down_leaves_nothing_behind(stack_env: dict[str, str]) -
 
     status = cli(stack_env, "dev", "status")
     assert status.returncode == 0, status.stdout
-    for name in ("kafka", "postgres", "ingest", "scoring"):
+    for name in ("kafka", "postgres", "ingest", "scoring", "mailbox", "notify"):
         assert name in status.stdout
-    assert status.stdout.count("healthy") == 4
+    assert status.stdout.count("healthy") == 6
     assert f"127.0.0.1:{stack_env['CHURNGUARD_DEV_KAFKA_PORT']}" in status.stdout
 
     again = cli(stack_env, "dev", "up")
