@@ -230,3 +230,104 @@ def test_a_lane_known_to_be_behind_is_waited_for_however_long() -> None:
     assert aligner.release(0).events == []
     aligner.add(0, "usage", 4, [ev(41, "usage", 41)], "u4")
     assert [e["id"] for e in aligner.release(0).events] == ["billing-1", "usage-41"]
+
+
+def test_a_lane_that_has_not_delivered_is_waited_for_when_kafka_says_it_holds_more() -> None:
+    """After a restart the lanes resume from their committed offsets: one whose partition
+    holds records past it will deliver, however slowly (its events must not turn late);
+    one whose committed offset is its highwater has nothing to deliver."""
+    clock = Monotonic()
+    highwater = {("usage", 0): 10, ("billing", 0): 3, ("feedback", 0): 7}
+    start = {("usage", 0): 8, ("billing", 0): 3, ("feedback", 0): 5}
+    aligner = TimeAligner(
+        ["usage", "billing", "feedback"],
+        max_wait_s=0.5,
+        highwater=lambda t, p: highwater.get((t, p)),
+        start=lambda t, p: start.get((t, p)),
+        monotonic=clock,
+    )
+    aligner.add(0, "usage", 8, [ev(50, "usage", 50)], "u8")
+    clock.now += 600  # feedback resumes at 5 of 7: it is waited for, not idled
+    assert aligner.release(0).events == []
+    aligner.add(0, "feedback", 5, [ev(49, "feedback", 1)], "f5")
+    aligner.add(0, "feedback", 6, [ev(51, "feedback", 2)], "f6")
+    # billing (committed offset = highwater) was never waited for; usage holds one more
+    assert [e["id"] for e in aligner.release(0).events] == ["feedback-1", "usage-50"]
+    aligner.add(0, "usage", 9, [ev(52, "usage", 52)], "u9")
+    assert [e["id"] for e in aligner.release(0).events] == ["feedback-2", "usage-52"]
+
+
+def test_a_bucket_written_before_the_replay_catches_up_keeps_what_it_holds() -> None:
+    """Restart, score (which writes the restored bucket) before the records consumed again
+    reach where the bucket was written, restart again: every event still counts once."""
+    days = 20
+    when = START + timedelta(days=days - 1)
+    events = busy_account("acct_r", days)
+    origins = [("usage", i, -1) for i in range(len(events))]
+    first, _ = engine_at(when)
+    first.apply(0, events, origins)
+    blobs = list(first.take_dirty())  # persisted with everything; offsets never committed
+
+    second, _ = engine_at(when)
+    for partition, _, blob in blobs:
+        second.load_bucket(partition, blob)
+    half = len(events) // 2
+    second.apply(0, events[:half], origins[:half])  # consumed again from offset 0 ...
+    second.score_pending()
+    blobs = list(second.take_dirty())  # ... and persisted again half way: killed
+    assert blobs
+
+    third, _ = engine_at(when)
+    for partition, _, blob in blobs:
+        third.load_bucket(partition, blob)
+    third.apply(0, events, origins)  # the whole record range once more
+    once, _ = engine_at(when)
+    once.apply(0, events)
+    today = once.clock.today()
+    got, want = third.account("acct_r"), once.account("acct_r")
+    assert got is not None
+    assert want is not None
+    assert got.features.features(today) == want.features.features(today)
+    assert third.replayed_skipped == len(events)
+
+
+def test_a_bucket_written_right_after_a_restart_claims_only_its_own_progress() -> None:
+    """Two buckets persisted at different points; after a restart, scoring writes the one
+    persisted earlier before anything is consumed: it must not claim the other's progress
+    (a second restart would then skip events it never held)."""
+    when = START + timedelta(days=9)
+    a, b = busy_account("acct_a", 10), busy_account("acct_b", 10)
+    engine, _ = engine_at(when)
+    engine.apply(0, b, [("usage", i, -1) for i in range(len(b))])
+    early = {bucket: blob for _, bucket, blob in engine.take_dirty()}
+    engine.apply(0, a, [("usage", len(b) + i, -1) for i in range(len(a))])
+    late = {bucket: blob for _, bucket, blob in engine.take_dirty()}
+    b_bucket = engine.account("acct_b").bucket
+    assert b_bucket not in late, "the test needs the accounts in different buckets"
+
+    restarted, _ = engine_at(when)
+    for blob in [*early.values(), *late.values()]:
+        restarted.load_bucket(0, blob)
+    restarted.account("acct_b").signals.pending = True
+    restarted.partition(0).pending.add("acct_b")
+    restarted.score_pending()
+    written = {bucket: blob for _, bucket, blob in restarted.take_dirty()}
+    assert decode_bucket(written[b_bucket])[0] == {"usage": (len(b) - 1, -1)}
+
+
+def test_a_record_delivered_twice_to_one_process_is_applied_once() -> None:
+    """Faust seeks to the committed offset after recovery, which can deliver records the
+    agent has already had: their events must count once."""
+    engine, _ = engine_at(START + timedelta(days=9))
+    events = busy_account("acct_twice", 10)
+    origins = [("usage", 3, i) for i in range(len(events) - 1)] + [("usage", 3, -1)]
+    engine.apply(0, events, origins)
+    engine.apply(0, events, origins)
+    once, _ = engine_at(START + timedelta(days=9))
+    once.apply(0, events)
+    today = once.clock.today()
+    got, want = engine.account("acct_twice"), once.account("acct_twice")
+    assert got is not None
+    assert want is not None
+    assert got.features.features(today) == want.features.features(today)
+    assert engine.redelivered_skipped == len(events)

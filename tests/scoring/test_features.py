@@ -404,3 +404,25 @@ def test_every_registry_example_applies(path: Any) -> None:
     values = state.features(day).values
     assert len(values) == len(FEATURE_NAMES)
     assert all(math.isfinite(v) for v in values)
+
+
+def test_state_saved_in_the_first_format_reads_back_with_no_feature_totals() -> None:
+    """Changelogs written before lifetime feature totals (format 1) still restore."""
+    from churnguard.scoring import features as f
+
+    state = AccountState()
+    state.apply(used(D, "u1", "reports", 3))
+    state.feature_totals.clear()  # format 1 had none
+    raw = zlib.decompress(state.to_bytes())
+    head = f._HEADER.unpack_from(raw)
+    assert head[-1] == 0
+    v1 = f._HEADER_V1.pack(1, *head[1:-1]) + raw[f._HEADER.size :]
+    assert AccountState.from_bytes(zlib.compress(v1)) == state
+
+
+def test_lifetime_feature_totals_count_every_use_and_survive_serialisation() -> None:
+    state = AccountState()
+    for day in range(100):  # longer than any window
+        state.apply(used(D + timedelta(days=day), "u1", "reports", 2))
+    assert state.feature_totals == {"reports": 200}
+    assert AccountState.from_bytes(state.to_bytes()).feature_totals == {"reports": 200}

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter
 
-from churnguard.common.events.derived import SignalEvent
-from churnguard.scoring.features import AccountState
+from churnguard.common.events.derived import ScoreEvent, SignalEvent
+from churnguard.scoring.features import FEATURE_NAMES, STICKY_FEATURES, AccountState
 from churnguard.scoring.model import TIER_THRESHOLDS, Score
 from churnguard.scoring.signals import (
     TIER_MARGIN,
@@ -157,3 +157,60 @@ def test_renewal_at_risk_fires_once_per_window_when_risky(days_to_renewal: int) 
     assert _renewal("acct_1", Features(), score(0.3), signals, "t") == []  # type: ignore[arg-type]
     healthy = SignalState(tier="healthy")
     assert _renewal("acct_1", Features(), score(0.01), healthy, "t") == []  # type: ignore[arg-type]
+
+
+def milestones_of(outputs: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, int]]:
+    found = []
+    for _, event in outputs:
+        if event["type"] == "churnguard.signals.milestone_reached":
+            SIGNALS.validate_python(event)
+            found.append((event["data"]["milestone"], event["data"]["value"]))
+    return found
+
+
+def test_milestones_fire_once_each_and_a_jump_signals_only_the_highest() -> None:
+    account = state_with_daily_uses([400] * 3)  # 1,200 uses of reports in three days
+    signals = SignalState()
+    as_of = DAY.toordinal()
+    first = score_signals("acct_1", account.features(as_of), account, score(0.05), "m", signals, T)
+    assert milestones_of(first) == [("feature_uses.reports", 1_000)]  # not 100 as well
+    used = {
+        "id": "first-api",
+        "type": "churnguard.usage.feature_used",
+        "time": f"{DAY.isoformat()}T11:00:00Z",
+        "subject": "acct_1",
+        "data": {"user_id": "u2", "feature": "api", "count": 1},
+    }
+    account.apply(used)
+    again = score_signals("acct_1", account.features(as_of), account, score(0.05), "m", signals, T)
+    assert milestones_of(again) == [("first_use.api", 1)]
+    # the same state scored again, or restored and scored: nothing new
+    restored = SignalState.from_list(signals.to_list())
+    for state in (signals, restored):
+        out = score_signals("acct_1", account.features(as_of), account, score(0.05), "m", state, T)
+        assert milestones_of(out) == []
+    ids = {e["id"] for _, e in first + again if "milestone" in e["type"]}
+    assert ids == {
+        "sig:milestone:acct_1:feature_uses.reports:1000",
+        "sig:milestone:acct_1:first_use.api:1",
+    }
+
+
+def test_a_state_saved_before_milestones_reads_as_none_reached() -> None:
+    older = SignalState(tier="watch", scores=3).to_list()[:13]
+    assert SignalState.from_list(older) == SignalState(tier="watch", scores=3)
+
+
+def test_the_score_event_carries_its_features_and_the_unadopted_sticky_features() -> None:
+    account = state_with_daily_uses([10] * 7 + [2] * 7)
+    signals = SignalState()
+    features = account.features(DAY.toordinal())
+    out = score_signals("acct_1", features, account, score(0.05), "m1", signals, T)
+    (scored,) = [e for kind, e in out if kind == "scores"]
+    event = TypeAdapter(ScoreEvent).validate_python(scored)
+    assert event.data.features is not None
+    assert event.data.features["activity_7d"] == 14
+    assert set(event.data.features) == set(FEATURE_NAMES)
+    assert event.data.unadopted_sticky_features == list(STICKY_FEATURES)  # only reports used
+    (drop,) = [e for kind, e in out if e["type"] == "churnguard.signals.usage_dropped"]
+    assert drop["data"]["unadopted_sticky_features"] == list(STICKY_FEATURES)

@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import TypeAdapter
 
 from churnguard.common import envelope
@@ -42,23 +44,25 @@ def simulated_events(accounts: int, days: int, seed: int) -> list[dict[str, Any]
 
 async def publish_as_envelopes(
     kafka: KafkaBroker, prefix: str, events: list[dict[str, Any]], size: int = 200
-) -> int:
+) -> dict[TopicPartition, int]:
     """Every event to its topic in partition envelopes, in stream order, as ingest would:
-    an envelope closes when full or when the stream's day ends."""
+    an envelope closes when full or when the stream's day ends. Returns the end offset of
+    each partition written."""
     chunks: dict[tuple[Topic, int], list[bytes]] = defaultdict(list)
     producer = make_producer(kafka.bootstrap, client_id="test", idempotent=kafka.idempotent)
     await producer.start()
-    sent = 0
+    ends: dict[TopicPartition, int] = {}
     try:
 
         async def flush(topic: Topic, partition: int) -> None:
             payloads = chunks.pop((topic, partition))
-            await producer.send_and_wait(
+            sent = await producer.send_and_wait(
                 topic.name_in(prefix),
                 envelope.encode_raw(payloads),
                 partition=partition,
                 headers=envelope.headers(),
             )
+            ends[TopicPartition(sent.topic, sent.partition)] = sent.offset + 1
 
         day = ""
         for event in events:
@@ -69,14 +73,30 @@ async def publish_as_envelopes(
             topic = TOPIC_OF[event["type"].split(".")[1]]
             partition = envelope.partition_for(event["subject"], PARTITIONS)
             chunks[(topic, partition)].append(orjson.dumps(event))
-            sent += 1
             if len(chunks[(topic, partition)]) >= size:
                 await flush(topic, partition)
         for topic, partition in list(chunks):
             await flush(topic, partition)
     finally:
         await producer.stop()
-    return sent
+    return ends
+
+
+async def await_committed(
+    kafka: KafkaBroker, group: str, ends: dict[TopicPartition, int], timeout: float = 60
+) -> None:
+    """Until the scoring group has committed every record up to ``ends``."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                committed = await admin.list_consumer_group_offsets(group, partitions=list(ends))
+                if all(tp in committed and committed[tp].offset >= end for tp, end in ends.items()):
+                    return
+                await asyncio.sleep(0.2)  # polling the group's offsets: nothing to await on
+    finally:
+        await admin.close()
 
 
 def offline_features(events: list[dict[str, Any]], as_of: int) -> dict[str, dict[str, float]]:
@@ -127,14 +147,32 @@ async def test_online_features_equal_offline_ones_and_survive_a_kill(
 ) -> None:
     events = simulated_events(accounts=40, days=100, seed=7)
     assert {e["type"].split(".")[1] for e in events} == set(TOPIC_OF)
+    cut = next(
+        i
+        for i, e in enumerate(events)
+        if day_ordinal(e["time"]) >= day_ordinal(events[-1]["time"]) - 10
+    )
+    head, tail = events[:cut], events[cut:]
     as_of = max(day_ordinal(e["time"]) for e in events)
-    expected = offline_features(events, as_of)
+    group = f"{kafka_topics}churnguard-scoring"
 
     scoring = start_scoring()
-    await publish_as_envelopes(kafka, kafka_topics, events)
+    ends = await publish_as_envelopes(kafka, kafka_topics, head)
     async with httpx.AsyncClient(timeout=10) as client:
-        await await_equal(client, scoring, expected, as_of)
-        scoring.process.kill()  # SIGKILL: no flush, no commit
+        await await_equal(client, scoring, offline_features(head, as_of), as_of)
+        # everything committed, then SIGKILL: the restarted worker consumes nothing again,
+        # so what it knows comes from the changelog alone
+        await await_committed(kafka, group, ends)
+        scoring.process.kill()
+        restored = start_scoring()
+        await await_equal(client, restored, offline_features(head, as_of), as_of)
+
+        # the rest of the stream, and SIGKILL as soon as it is applied (no flush, no
+        # commit): the next worker restores the state and consumes part of it again
+        await publish_as_envelopes(kafka, kafka_topics, tail)
+        expected = offline_features(events, as_of)
+        await await_equal(client, restored, expected, as_of)
+        restored.process.kill()
         restarted = start_scoring()
         await await_equal(client, restarted, expected, as_of)
 

@@ -19,6 +19,7 @@ from pydantic import TypeAdapter
 from churnguard.common.envelope import EnvelopeCodec
 from churnguard.common.events.billing import BillingEvent
 from churnguard.common.events.derived import (
+    DecisionEvent,
     NotificationEvent,
     OutcomeEvent,
     PaymentRetryEvent,
@@ -100,6 +101,12 @@ class Topic(enum.Enum):
         "actions.outcomes",
         "What became of each action: delivered, failed, read, paid",
         OutcomeEvent,
+    )
+    DECISIONS = TopicSpec(
+        "playbooks.decisions",
+        "Every playbook decision: fired with its commands, or suppressed and why",
+        DecisionEvent,
+        retention_ms=None,
     )
 
     @property

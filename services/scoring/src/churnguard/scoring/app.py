@@ -29,6 +29,8 @@ from typing import Any
 
 import faust
 import orjson
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from faust.types import TP
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -50,6 +52,47 @@ OUTPUT_TOPICS = {
     "revenue": Topic.REVENUE_MOVEMENTS,
 }
 HEADERS = [("content-type", b"application/cloudevents+json")]
+CHECKPOINT_KEY = b"checkpoint"
+CHECKPOINT_VALUE = b"1"
+
+
+class CommittedOffsets:
+    """Where the lanes that have not delivered yet resume: the group's committed offset
+    per source partition (the earliest offset where it never committed).
+
+    Highwaters come from the fetch responses (``consumer.highwater``), which carry every
+    fetched partition's end. ListOffsets is not used for them: Tansu answers it with the
+    base offset of a partition's last record batch + 1, short of the end when the batch
+    holds several records."""
+
+    def __init__(self, group_id: str, bootstrap: str) -> None:
+        self.group_id = group_id
+        self.bootstrap = bootstrap
+        self.starts: dict[TP, int] = {}
+        self._admin: AIOKafkaAdminClient | None = None
+
+    async def fetch(self, consumer: Any, tps: set[TP]) -> None:
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(
+                bootstrap_servers=self.bootstrap, client_id=f"{self.group_id}-offsets"
+            )
+            await admin.start()
+            self._admin = admin
+        wanted = [TopicPartition(tp.topic, tp.partition) for tp in tps]
+        committed = await self._admin.list_consumer_group_offsets(self.group_id, partitions=wanted)
+        never: set[TP] = set()
+        for tp in tps:
+            meta = committed.get(TopicPartition(tp.topic, tp.partition))
+            if meta is not None and meta.offset >= 0:
+                self.starts[tp] = meta.offset
+            else:
+                never.add(tp)
+        if never:  # consumption starts at the earliest offset (auto_offset_reset)
+            self.starts.update(await consumer.earliest_offsets(*never))
+
+    def forget(self, partitions: set[int]) -> None:
+        for tp in [tp for tp in self.starts if tp.partition in partitions]:
+            del self.starts[tp]
 
 
 def create_app(settings: ScoringSettings | None = None) -> faust.App:
@@ -76,6 +119,11 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
         web_in_thread=False,
         consumer_auto_offset_reset="earliest",
         stream_buffer_maxsize=settings.stream_buffer,
+        # records are acknowledged only once their state is in the changelog (persist),
+        # and the aligner may hold a record for another topic's events: a revocation must
+        # not wait for those acknowledgements (it would wait for ever); what is not
+        # acknowledged is consumed again by the partition's next owner
+        stream_wait_empty=False,
     )
     sources = app.topic(
         *(t.name_in(prefix) for t in SOURCES),
@@ -119,13 +167,23 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
         written: list[tuple[int, int]] = []
         changelog = state_table.changelog_topic.get_topic_name()
         try:
-            for partition, bucket, blob in engine.take_dirty():  # no await in between
+            for partition, bucket, blob in engine.take_dirty():
                 written.append((partition, bucket))
                 key = bucket_key(partition, bucket).encode()
                 state_table.data[key] = blob
                 futures.append(await app.producer.send(changelog, key, blob, partition, None, None))
                 sm.STATE_BYTES.observe(len(blob))
             await asyncio.gather(*futures)
+            # one record alone in its batch closes each partition's writes: Faust restores a
+            # changelog up to its ListOffsets end, which Tansu puts right after the first
+            # record of the last batch (the buckets sent together above share batches)
+            markers = [
+                await app.producer.send(
+                    changelog, CHECKPOINT_KEY, CHECKPOINT_VALUE, partition, None, None
+                )
+                for partition in sorted({p for p, _ in written})
+            ]
+            await asyncio.gather(*markers)
         except Exception:
             log.exception("state not persisted; retrying at the next interval")
             for partition, bucket in written:  # written again next time
@@ -221,7 +279,57 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
             return None
         return int(value) if value is not None else None
 
-    aligner = TimeAligner(dead_letter_of, max_wait_s=settings.align_max_wait_s, highwater=highwater)
+    committed = CommittedOffsets(app.conf.id, platform.kafka_bootstrap)
+
+    def start(topic: str, partition: int) -> int | None:
+        return committed.starts.get(TP(topic, partition))
+
+    aligner = TimeAligner(
+        dead_letter_of,
+        max_wait_s=settings.align_max_wait_s,
+        highwater=highwater,
+        start=start,
+    )
+
+    @app.timer(interval=settings.offsets_interval_s)
+    async def read_committed_offsets() -> None:
+        """Where lanes that have not delivered resume: until the aligner knows, it cannot
+        tell a lane with records to come from one that has none."""
+        if app.rebalancing:
+            return
+        names = set(dead_letter_of)
+        wanted = {
+            tp
+            for tp in app.consumer.assignment()
+            if tp.topic in names
+            and tp not in committed.starts
+            and tp.topic in aligner.unpositioned(tp.partition)
+        }
+        if not wanted:
+            return
+        try:
+            await committed.fetch(app.consumer, wanted)
+        except Exception as exc:  # the aligner falls back to waiting max_wait_s
+            log.warning("committed offsets not read: %r", exc)
+            return
+        for partition in list(aligner.lanes):
+            await apply_released(partition)
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app_: Any, revoked: set[TP], **kwargs: Any) -> None:
+        """Forget revoked partitions at once: their records that are not acknowledged go to
+        the next owner (perhaps this worker again, which then restores the persisted state
+        and skips what it holds); keeping the state in memory would apply them twice."""
+        names = set(dead_letter_of)
+        partitions = {tp.partition for tp in revoked if tp.topic in names}
+        for partition in partitions:
+            engine.drop_partition(partition)
+            aligner.drop_partition(partition)
+            loaded.discard(partition)
+        unacked[:] = [r for r in unacked if r.message.partition not in partitions]
+        committed.forget(partitions)
+        if partitions:
+            log.info("partitions %s revoked: their state is dropped", sorted(partitions))
 
     async def apply_released(partition: int) -> None:
         """Apply what the aligner releases for ``partition``; acknowledge finished records."""

@@ -38,9 +38,16 @@ from churnguard.scoring.features import (
     day_ordinal,
     feature_matrix,
 )
-from churnguard.scoring.model import ModelWatcher
+from churnguard.scoring.model import ModelWatcher, Score, health_for
 from churnguard.scoring.revenue import RevenueLedger
-from churnguard.scoring.signals import SignalState, event_signals, score_signals
+from churnguard.scoring.signals import (
+    SignalState,
+    event_signals,
+    next_tier,
+    raw_tier,
+    score_signals,
+    worth_emitting,
+)
 
 BUCKETS: Final = 64
 """Buckets per partition: the unit of changelog writes."""
@@ -64,6 +71,10 @@ class RejectedEvent(ValueError):
         """Position of the event in the batch given to :meth:`ScoringEngine.apply`."""
 
 
+def tier_of(record: AccountRecord, probability: float) -> str:
+    return next_tier(record.signals.tier, float(probability))
+
+
 def bucket_of(account: str, buckets: int = BUCKETS) -> int:
     return zlib.crc32(account.encode()) % buckets
 
@@ -85,14 +96,30 @@ Origin = tuple[str, int, int]
 _LAST = 1 << 31
 
 
+def _rank(position: tuple[int, int]) -> tuple[int, int]:
+    return position[0], position[1] if position[1] >= 0 else _LAST
+
+
 def already_applied(progress: Progress, origin: Origin) -> bool:
     done = progress.get(origin[0])
     if done is None:
         return False
-    return (origin[1], origin[2] if origin[2] >= 0 else _LAST) <= (
-        done[0],
-        done[1] if done[1] >= 0 else _LAST,
-    )
+    return _rank(origin[1:]) <= _rank(done)
+
+
+def furthest(a: Progress, b: Progress) -> Progress:
+    """Per topic, the later of two progress marks."""
+    merged = dict(a)
+    for topic, done in b.items():
+        known = merged.get(topic)
+        if known is None or _rank(done) > _rank(known):
+            merged[topic] = done
+    return merged
+
+
+def covers(a: Progress, b: Progress) -> bool:
+    """``a`` is at or past ``b`` in every topic of ``b``."""
+    return all(t in a and _rank(a[t]) >= _rank(done) for t, done in b.items())
 
 
 @dataclass
@@ -102,10 +129,12 @@ class PartitionState:
     pending: set[str] = field(default_factory=set)
     rescored_day: int = -1
     progress: Progress = field(default_factory=dict)
-    """How far this partition's sources have been applied (written with every bucket)."""
+    """How far this partition's sources have been consumed in this process: every event
+    up to it was applied (or skipped as already held). Written with every bucket."""
     restored: dict[int, Progress] = field(default_factory=dict)
     """Per restored bucket, the progress it was written at: events of its accounts at or
-    before it are already in its state, and are skipped when consumed again."""
+    before it are already in its state, and are skipped when consumed again. Kept until
+    the consumption passes it, however often the bucket is written meanwhile."""
 
 
 class StreamClock:
@@ -157,6 +186,9 @@ class ScoringEngine:
         self.partitions: dict[int, PartitionState] = {}
         self.events_applied = 0
         self.replayed_skipped = 0
+        """Events consumed again after a restart that a restored bucket already held."""
+        self.redelivered_skipped = 0
+        """Events delivered twice to this process (a seek back), applied once."""
 
     # -- events ------------------------------------------------------------------------------
 
@@ -200,6 +232,11 @@ class ScoringEngine:
                 record = records[account] = self._new_record(account)
             if origins is not None:
                 origin = origins[index]
+                if already_applied(progress, origin):
+                    # delivered again in this process (Faust seeks to the committed offset
+                    # after a recovery, and a rebalance may too): applied already
+                    self.redelivered_skipped += 1
+                    continue
                 progress[origin[0]] = origin[1:]
                 done = restored.get(record.bucket) if restored else None
                 if done is not None and already_applied(done, origin):
@@ -273,13 +310,26 @@ class ScoringEngine:
             return []
         today = self.clock.today()
         stamp = iso(self.clock.now())
-        rows = [
-            record.features.features(max(today, record.features.max_day)) for _, record in chosen
-        ]
+        rows = [r.features.features(max(today, r.features.max_day)) for _, r in chosen]
         model = self.model.current
-        scores = model.score(feature_matrix(rows))
+        matrix = feature_matrix(rows)
+        probabilities = model.predict(matrix)
+        # reasons cost ~16 predictions per account: only for scores that will be published
+        # and are not healthy (a healthy account's score carries no reasons)
+        explain = [
+            i
+            for i, ((_, record), p) in enumerate(zip(chosen, probabilities, strict=True))
+            if raw_tier(float(p)) != "healthy"
+            and worth_emitting(record.signals, float(p), health_for(float(p)), tier_of(record, p))
+        ]
+        reasons: dict[int, list[Any]] = {}
+        if explain:
+            for i, found in zip(explain, model.reasons(matrix[explain]), strict=True):
+                reasons[i] = found
         outputs: list[Output] = []
-        for (ps, record), features, score in zip(chosen, rows, scores, strict=True):
+        for i, ((ps, record), features) in enumerate(zip(chosen, rows, strict=True)):
+            p = float(probabilities[i])
+            score = Score(p, health_for(p), raw_tier(p), reasons.get(i, []))
             outputs.extend(
                 score_signals(
                     record.account,
@@ -310,8 +360,17 @@ class ScoringEngine:
                     by_bucket[record.bucket].append(record)
             ps.dirty.clear()
             for bucket, members in by_bucket.items():
-                ps.restored.pop(bucket, None)  # superseded by the progress written now
-                yield partition, bucket, encode_bucket(members, ps.progress)
+                progress = ps.progress
+                held = ps.restored.get(bucket)
+                if held is not None:
+                    # a restored bucket holds its events up to ``held`` even where the
+                    # consumption (after the restart) has not got that far yet: written
+                    # with less, a second restart would apply them twice
+                    if covers(progress, held):
+                        del ps.restored[bucket]
+                    else:
+                        progress = furthest(held, progress)
+                yield partition, bucket, encode_bucket(members, progress)
 
     def load_bucket(self, partition: int, blob: bytes) -> int:
         """Restore a bucket's records (after a restart); returns how many."""
@@ -325,11 +384,10 @@ class ScoringEngine:
             self.clock.observe(record.features.max_day)
             n += 1
         if records:
+            # ``ps.progress`` is left alone: it says what this process has consumed, and
+            # a bucket written before the consumption reaches ``progress`` must not claim
+            # events of other buckets it does not hold
             ps.restored[records[0].bucket] = progress
-        for topic, done in progress.items():
-            known = ps.progress.get(topic)
-            if known is None or not already_applied({topic: known}, (topic, *done)):
-                ps.progress[topic] = done  # the furthest any restored bucket got
         return n
 
     def drop_partition(self, partition: int) -> None:
@@ -376,9 +434,12 @@ class TimeAligner:
     ahead of usage's dense ones), and applying them as they come would make most usage
     look late. So, as Kafka Streams does for the partitions of a task, events wait in a
     lane per topic and the earliest head goes first, as long as every lane either has
-    events, has read all its partition holds (``highwater``), or, when nothing says it has
-    more to read, kept the others waiting for ``max_wait_s`` (then it counts as idle until
-    it delivers again). A lane known to be behind its highwater is always waited for.
+    events or has read all its partition holds. What a lane has read is the offset after
+    its last record, or, before its first one, ``start`` (the committed offset it resumes
+    from); what its partition holds is ``highwater``. A lane known to be behind its
+    highwater is always waited for, however long: applying the others first would make its
+    events late. Only a lane whose position is unknown (Kafka did not say) counts as idle
+    after keeping the others waiting for ``max_wait_s``, until it delivers again.
 
     ``token`` (the consumed record, to acknowledge) is released with the last event of
     its envelope, so an offset is committed only once all its events were applied.
@@ -390,11 +451,13 @@ class TimeAligner:
         *,
         max_wait_s: float = 0.5,
         highwater: Callable[[str, int], int | None] = lambda topic, partition: None,
+        start: Callable[[str, int], int | None] = lambda topic, partition: None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.topics = tuple(topics)
         self.max_wait_s = max_wait_s
         self.highwater = highwater
+        self.start = start
         self.monotonic = monotonic
         self.lanes: dict[int, dict[str, _Lane]] = {}
         self._stalled_since: dict[int, float] = {}
@@ -431,14 +494,19 @@ class TimeAligner:
             full = [(lane.queue[0][0], name) for name, lane in lanes.items() if lane.queue]
             if not full:
                 break
-            waiting = [
-                name
-                for name, lane in lanes.items()
-                if not lane.queue and not lane.idle and not self._caught_up(name, partition, lane)
-            ]
+            behind = False
+            waiting: list[str] = []
+            for name, lane in lanes.items():
+                if lane.queue or self._caught_up(name, partition, lane):
+                    continue
+                if self._behind(name, partition, lane):
+                    behind = True  # its partition holds more: it will come, however slowly
+                    break
+                if not lane.idle:
+                    waiting.append(name)
+            if behind:
+                break
             if waiting:
-                if any(self._behind(name, partition, lanes[name]) for name in waiting):
-                    break  # its partition holds more: it will come, however slowly
                 now = self.monotonic()
                 since = self._stalled_since.setdefault(partition, now)
                 if now - since < self.max_wait_s:
@@ -461,15 +529,32 @@ class TimeAligner:
                     tokens.append(token)
         return released
 
+    def _position(self, topic: str, partition: int, lane: _Lane) -> int | None:
+        """The offset the lane reads next: after its last record, or where it starts."""
+        if lane.last_offset >= 0:
+            return lane.last_offset + 1
+        return self.start(topic, partition)
+
     def _caught_up(self, topic: str, partition: int, lane: _Lane) -> bool:
         highwater = self.highwater(topic, partition)
-        return highwater is not None and lane.last_offset + 1 >= highwater
+        if highwater is None:
+            return False
+        position = self._position(topic, partition, lane)
+        # an empty partition is read to its end from wherever the lane starts
+        return highwater == 0 or (position is not None and position >= highwater)
 
     def _behind(self, topic: str, partition: int, lane: _Lane) -> bool:
-        """Known to have more to deliver: it delivered before and its highwater is beyond.
-        (A lane that never delivered may have nothing to read from where it starts.)"""
+        """Known to have more to deliver: its partition holds records past its position."""
         highwater = self.highwater(topic, partition)
-        return lane.last_offset >= 0 and highwater is not None and lane.last_offset + 1 < highwater
+        position = self._position(topic, partition, lane)
+        return highwater is not None and position is not None and position < highwater
+
+    def unpositioned(self, partition: int) -> list[str]:
+        """Topics of ``partition`` whose lane has not delivered yet (their start matters)."""
+        lanes = self.lanes.get(partition)
+        if lanes is None:
+            return list(self.topics)
+        return [name for name, lane in lanes.items() if lane.last_offset < 0]
 
     def drop_partition(self, partition: int) -> None:
         self.lanes.pop(partition, None)

@@ -231,6 +231,9 @@ class AccountState:
     """CRC-32 of the user id → ``last_day << 32 | mask``; bit i of mask: active on last_day - i."""
     feature_days: dict[str, int] = field(default_factory=dict)
     """Feature key → last day it was used."""
+    feature_totals: dict[str, int] = field(default_factory=dict)
+    """Feature key → uses since the account was first seen (for milestones, not the model);
+    bounded like ``feature_days``."""
     seats_purchased: int = _NONE
     seats_used: int = _NONE
     tickets: list[list[int]] = field(default_factory=list)
@@ -312,6 +315,14 @@ class AccountState:
             days[feature[:100]] = day
         elif known < day:
             days[feature] = day
+        totals = self.feature_totals
+        total = totals.get(feature)
+        if total is not None:
+            totals[feature] = total + count
+        else:
+            if len(totals) >= MAX_TRACKED_FEATURES:
+                del totals[min(totals, key=totals.__getitem__)]
+            totals[feature[:100]] = count
 
     def _apply_with(self, handler: Handler, event: dict[str, Any]) -> None:
         try:
@@ -697,6 +708,7 @@ class AccountState:
                 len(self.failures),
                 len(self.invoices),
                 len(self.mrr_points),
+                len(self.feature_totals),
             )
         )
         out += struct.pack(f"<{RING_DAYS}I", *self.uses)
@@ -712,14 +724,22 @@ class AccountState:
             out += _INVOICE.pack(h, *inv)
         for day, mrr in self.mrr_points:
             out += _MRR.pack(day, mrr)
+        for key, total in self.feature_totals.items():
+            encoded = key.encode()
+            out += struct.pack("<H", len(encoded)) + encoded + struct.pack("<Q", total)
         return zlib.compress(bytes(out), 6)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> AccountState:
         raw = zlib.decompress(blob)
-        head = _HEADER.unpack_from(raw)
-        if head[0] != _FORMAT_VERSION:
-            raise ValueError(f"account state format {head[0]}, expected {_FORMAT_VERSION}")
+        if raw[0] == 1:  # before feature totals: read as none so far
+            head = (*_HEADER_V1.unpack_from(raw), 0)
+            pos = _HEADER_V1.size
+        elif raw[0] == _FORMAT_VERSION:
+            head = _HEADER.unpack_from(raw)
+            pos = _HEADER.size
+        else:
+            raise ValueError(f"account state format {raw[0]}, expected {_FORMAT_VERSION}")
         (
             _,
             max_day,
@@ -744,8 +764,8 @@ class AccountState:
             n_failures,
             n_invoices,
             n_mrr,
+            n_totals,
         ) = head
-        pos = _HEADER.size
         uses = list(struct.unpack_from(f"<{RING_DAYS}I", raw, pos))
         pos += 4 * RING_DAYS
         users = {}
@@ -774,6 +794,12 @@ class AccountState:
         for _ in range(n_mrr):
             mrr_points.append(list(_MRR.unpack_from(raw, pos)))
             pos += _MRR.size
+        feature_totals = {}
+        for _ in range(n_totals):
+            (size,) = struct.unpack_from("<H", raw, pos)
+            key = raw[pos + 2 : pos + 2 + size].decode()
+            (feature_totals[key],) = struct.unpack_from("<Q", raw, pos + 2 + size)
+            pos += 10 + size
         if pos != len(raw):
             raise ValueError(f"account state has {len(raw) - pos} trailing bytes")
         return cls(
@@ -784,6 +810,7 @@ class AccountState:
             uses=uses,
             users=users,
             feature_days=feature_days,
+            feature_totals=feature_totals,
             seats_purchased=seats_purchased,
             seats_used=seats_used,
             tickets=tickets,
@@ -803,8 +830,9 @@ class AccountState:
         )
 
 
-_FORMAT_VERSION: Final = 1
-_HEADER = struct.Struct("<B14iBq6I")
+_FORMAT_VERSION: Final = 2
+_HEADER = struct.Struct("<B14iBq7I")
+_HEADER_V1 = struct.Struct("<B14iBq6I")
 _USER = struct.Struct("<IiI")
 _TICKET = struct.Struct("<ihIiB")
 _INVOICE = struct.Struct("<IiiHB")

@@ -48,17 +48,25 @@ class ScoringSettings(ServiceSettings):
         ge=1,
         le=4096,
         description="State buckets per partition: one changelog record per dirty bucket per "
-        "commit (more buckets: smaller records, more of them)",
+        "commit (more buckets: smaller records, more of them). Fixed for the life of an "
+        "app id: its changelog is keyed by bucket",
     )
     score_interval_s: float = Field(
         default=1.0, gt=0, description="How often touched accounts are scored"
     )
     score_batch: int = Field(default=2_000, ge=1, description="Accounts per ONNX call")
     align_max_wait_s: float = Field(
-        default=2.0,
+        default=10.0,
         gt=0,
-        description="How long a source topic that has not delivered may hold the others "
-        "back while they are merged into event-time order",
+        description="How long a source topic whose position Kafka has not told may hold the "
+        "others back while they are merged into event-time order (one known to be behind "
+        "is always waited for; one known to be caught up never)",
+    )
+    offsets_interval_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="How often the committed offsets of source partitions that have not "
+        "delivered yet are read from Kafka for the aligner",
     )
     stream_buffer: int = Field(
         default=64, ge=1, description="Records Faust prefetches per partition (envelopes)"

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Final
 
 from churnguard.common.events.derived import RISK_TIERS, RiskTier
-from churnguard.scoring.features import AccountFeatures, AccountState
+from churnguard.scoring.features import STICKY_FEATURES, AccountFeatures, AccountState
 from churnguard.scoring.model import TIER_THRESHOLDS, Score
 
 SOURCE: Final = "/scoring"
@@ -42,6 +42,10 @@ EXPANSION_MIN_SEATS: Final = 3
 RENEWAL_WINDOWS: Final = (90, 60, 30)
 RENEWAL_RISK_TIERS: Final = frozenset({"at_risk", "critical"})
 DETRACTOR_MAX: Final = 6
+FEATURE_USE_MILESTONES: Final = (100, 1_000, 10_000, 100_000, 1_000_000)
+"""Lifetime uses of one product feature worth congratulating (``feature_uses.<feature>``)."""
+ACTIVE_USER_MILESTONES: Final = (10, 25, 50, 100, 250, 500, 1_000)
+"""Users active in 30 days (``active_users_30d``)."""
 FAILED_PAYMENT: Final = "churnguard.billing.invoice_payment_failed"
 NPS: Final = "churnguard.feedback.nps_submitted"
 
@@ -69,6 +73,8 @@ class SignalState:
     pending: bool = False
     """Touched since its last emitted score: recovered accounts with it set are scored."""
     last_nps: int = -1
+    milestones: dict[str, int] = field(default_factory=dict)
+    """Milestone name → the highest threshold signalled (each fires once per account)."""
 
     def to_list(self) -> list[Any]:
         return [
@@ -85,10 +91,12 @@ class SignalState:
             self.renewal_windows,
             int(self.pending),
             self.last_nps,
+            self.milestones,
         ]
 
     @classmethod
     def from_list(cls, items: Sequence[Any]) -> SignalState:
+        milestones = dict(items[13]) if len(items) > 13 else {}  # older states have none
         (
             tier,
             probability,
@@ -103,7 +111,7 @@ class SignalState:
             windows,
             pending,
             last_nps,
-        ) = items
+        ) = items[:13]
         return cls(
             tier,
             probability,
@@ -118,6 +126,7 @@ class SignalState:
             windows,
             bool(pending),
             last_nps,
+            milestones,
         )
 
 
@@ -179,35 +188,46 @@ def _event(
 
 
 def scored_event(
-    account: str, score: Score, model_version: str, state: SignalState, time: str
+    account: str,
+    score: Score,
+    model_version: str,
+    state: SignalState,
+    time: str,
+    features: AccountFeatures | None = None,
+    unadopted: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The AccountScored event of ``score`` (numbered by ``state.scores``, then counted)."""
+    """The AccountScored event of ``score`` (numbered by ``state.scores``, then counted),
+    with the features it was computed from for conditions downstream."""
     state.scores += 1
+    data: dict[str, Any] = {
+        "churn_probability": round(score.churn_probability, 6),
+        "health": score.health,
+        "tier": state.tier,
+        "reasons": [r.model_dump() for r in score.reasons],
+        "model_version": model_version,
+    }
+    if features is not None:
+        data["features"] = {
+            n: round(v, 6) for n, v in zip(features.names, features.values, strict=True)
+        }
+        data["unadopted_sticky_features"] = list(unadopted)
     return _event(
         "churnguard.scores.account_scored",
         account,
         event_id("score", account, str(state.scores)),
         time,
-        {
-            "churn_probability": round(score.churn_probability, 6),
-            "health": score.health,
-            "tier": state.tier,
-            "reasons": [r.model_dump() for r in score.reasons],
-            "model_version": model_version,
-        },
+        data,
     )
 
 
-def worth_emitting(state: SignalState, score: Score, tier: str) -> bool:
-    """A new score is emitted when it says something new: first score, another tier or
-    health, a probability moved by a point, or another top reason."""
-    top = score.reasons[0].code if score.reasons else ""
+def worth_emitting(state: SignalState, probability: float, health: int, tier: str) -> bool:
+    """A new score is published when it says something new: the first score, another tier
+    or health, or a probability moved by at least a point."""
     return (
         state.scores == 0
         or tier != state.tier
-        or score.health != state.health
-        or abs(score.churn_probability - state.probability) >= 0.01
-        or top != state.top_reason
+        or health != state.health
+        or abs(probability - state.probability) >= 0.01
     )
 
 
@@ -225,9 +245,15 @@ def score_signals(
     out: list[tuple[str, dict[str, Any]]] = []
     tier = next_tier(state.tier, score.churn_probability)
     previous_tier, previous_health = state.tier, state.health
-    if worth_emitting(state, score, tier):
+    if worth_emitting(state, score.churn_probability, score.health, tier):
         state.tier = tier
-        out.append(("scores", scored_event(account, score, model_version, state, time)))
+        unadopted = account_state.unadopted_sticky_features(features.as_of)
+        out.append(
+            (
+                "scores",
+                scored_event(account, score, model_version, state, time, features, unadopted),
+            )
+        )
         state.probability = round(score.churn_probability, 6)
         state.health = score.health
         state.top_reason = score.reasons[0].code if score.reasons else ""
@@ -258,6 +284,7 @@ def score_signals(
     out.extend(("signals", e) for e in _usage_drop(account, features, account_state, state, time))
     out.extend(("signals", e) for e in _expansion(account, features, state, time))
     out.extend(("signals", e) for e in _renewal(account, features, score, state, time))
+    out.extend(("signals", e) for e in _milestones(account, features, account_state, state, time))
     return out
 
 
@@ -291,6 +318,9 @@ def _usage_drop(
                 "previous": previous,
                 "current": current,
                 "drop_ratio": round((previous - current) / previous, 4),
+                "unadopted_sticky_features": list(
+                    account_state.unadopted_sticky_features(features.as_of)
+                ),
             },
         )
     ]
@@ -356,6 +386,51 @@ def _renewal(
             },
         )
     ]
+
+
+def _milestones(
+    account: str,
+    features: AccountFeatures,
+    account_state: AccountState,
+    state: SignalState,
+    time: str,
+) -> list[dict[str, Any]]:
+    """Milestones crossed since the last score, each once per account; a jump over several
+    thresholds signals the highest (a backfilled history is not congratulated four times)."""
+    reached: list[tuple[str, int]] = []
+    for feature, total in account_state.feature_totals.items():
+        reached.append((f"feature_uses.{feature}", _highest(FEATURE_USE_MILESTONES, total)))
+        if feature in STICKY_FEATURES:
+            reached.append((f"first_use.{feature}", 1))
+    reached.append(
+        ("active_users_30d", _highest(ACTIVE_USER_MILESTONES, int(features["active_users_30d"])))
+    )
+    reached.append(("customer_years", max(0, int(features["tenure_days"])) // 365))
+    out = []
+    done = state.milestones
+    for name, value in reached:
+        if value <= done.get(name, 0):
+            continue
+        done[name] = value
+        out.append(
+            _event(
+                "churnguard.signals.milestone_reached",
+                account,
+                event_id("milestone", account, f"{name}:{value}"),
+                time,
+                {"milestone": name, "value": value},
+            )
+        )
+    return out
+
+
+def _highest(thresholds: Sequence[int], value: int) -> int:
+    """The highest threshold ``value`` reached, 0 for none."""
+    best = 0
+    for threshold in thresholds:
+        if value >= threshold:
+            best = threshold
+    return best
 
 
 def event_signals(

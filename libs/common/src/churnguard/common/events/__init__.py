@@ -30,6 +30,8 @@ from churnguard.common.events.billing import (
 from churnguard.common.events.derived import (
     AccountScored,
     ActionOutcome,
+    DecisionEvent,
+    DecisionLogged,
     DetractorNps,
     ExpansionSignal,
     MilestoneReached,
@@ -101,6 +103,8 @@ ALL_EVENT_TYPES: tuple[type[CloudEvent], ...] = (
     NotificationRequested,
     PaymentRetryRequested,
     ActionOutcome,
+    # playbooks.decisions
+    DecisionLogged,
 )
 """Every concrete event class, grouped by topic."""
 
@@ -146,6 +150,8 @@ __all__ = [
     "ChargeRefunded",
     "CloudEvent",
     "CsatSubmitted",
+    "DecisionEvent",
+    "DecisionLogged",
     "DetractorNps",
     "ExpansionSignal",
     "FeatureUsed",

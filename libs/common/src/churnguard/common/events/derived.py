@@ -9,6 +9,8 @@
 - ``actions.notifications``: :class:`NotificationRequested`; playbooks → notify.
 - ``actions.payment-retries``: :class:`PaymentRetryRequested`; playbooks → notify.
 - ``actions.outcomes``: :class:`ActionOutcome`; notify → scoring, playbooks, console.
+- ``playbooks.decisions``: :class:`DecisionLogged`; playbooks → console (fired and
+  suppressed decisions, holdouts: uplift and the playbooks page).
 
 ``subject`` is the account, as for every event, so an account's scores, signals and
 actions stay in order on one partition.
@@ -59,8 +61,8 @@ StickyFeatures = Annotated[
     list[Annotated[str, StringConstraints(min_length=1, max_length=64)]],
     Field(
         max_length=50,
-        description="Sticky product features the account has not used for 90 days, the "
-        "one with the highest retention lift first",
+        description="Sticky product features (integrations, automations, api, scheduled "
+        "reports) the account has not used for 90 days",
     ),
 ]
 
@@ -455,3 +457,72 @@ class ActionOutcome(CloudEvent):
 
 OutcomeEvent = ActionOutcome
 """The one event type of ``actions.outcomes``."""
+
+
+DecisionStatus = Literal["fired", "suppressed", "failed"]
+SuppressionReason = Literal[
+    "holdout",
+    "cooldown",
+    "contact_budget",
+    "quiet_hours",
+    "dunning",
+    "duplicate",
+    "conditions",
+    "other",
+]
+
+
+class DecisionLoggedData(Payload):
+    decision_id: EventId = Field(
+        description="Deterministic per trigger and playbook; commands carry it as decision_id"
+    )
+    playbook: Name
+    trigger_type: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
+        description="The signal type (e.g. churnguard.signals.risk_tier_crossed) or schedule"
+    )
+    trigger_id: EventId = Field(description="The id of the signal or timer that triggered it")
+    status: DecisionStatus
+    reason: SuppressionReason | None = Field(
+        default=None, description="Why it was suppressed (or failed: other); None when fired"
+    )
+    detail: Annotated[str, StringConstraints(max_length=2000)] | None = Field(
+        default=None, description="A sentence for people: which rule, which limit, which error"
+    )
+    holdout: bool = Field(
+        default=False, description="The account is in the playbook's holdout group"
+    )
+    commands: list[EventId] = Field(
+        default_factory=list,
+        max_length=50,
+        description="Ids of the commands published for it (actions.notifications, "
+        "actions.payment-retries)",
+    )
+    priority: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.status == "fired" and self.reason is not None:
+            raise ValueError("a fired decision has no suppression reason")
+        if self.status == "suppressed" and self.reason is None:
+            raise ValueError("a suppressed decision needs a reason")
+        if self.status != "fired" and self.commands:
+            raise ValueError("only a fired decision publishes commands")
+        return self
+
+
+class DecisionLogged(CloudEvent):
+    """One evaluation of a playbook for an account that matched its trigger and conditions:
+    fired (with the commands it published) or suppressed (holdout, cool-down, contact
+    budget, quiet hours, dunning), with the reason.
+
+    Produced by playbooks (topic ``playbooks.decisions``) from the same transaction that
+    records the decision, so every logged row is published once (with a deterministic
+    ``id``); consumed by console (playbooks page, uplift of treated vs holdout).
+    """
+
+    type: Literal["churnguard.playbooks.decision_logged"] = "churnguard.playbooks.decision_logged"
+    data: DecisionLoggedData
+
+
+DecisionEvent = DecisionLogged
+"""The one event type of ``playbooks.decisions``."""
