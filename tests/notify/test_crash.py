@@ -101,3 +101,32 @@ async def test_sigkill_after_the_provider_call_sends_nothing_twice(notify_env: N
     assert by_command[email.id] == ["in_doubt", "in_doubt"]
     assert by_command[slack.id] == ["in_doubt", "delivered"]
     assert by_command[charge.id] == ["in_doubt", "payment_succeeded"]
+
+
+async def test_sigterm_lets_the_call_in_flight_finish_and_record(notify_env: NotifyEnv) -> None:
+    _, proc = await asyncio.to_thread(
+        notify_env.start, CHURNGUARD_NOTIFY_GROUP_ID=f"stop-{uuid.uuid4().hex[:6]}"
+    )
+    notify_env.slack.slow_next(2.0)
+    cmd = notification("slack", "risk_alert", ALERTS, RISK_VARIABLES)
+    await notify_env.send(Topic.NOTIFICATIONS, cmd)
+    await asyncio.to_thread(
+        wait_until,
+        lambda: any(
+            r["body"].get("metadata", {}).get("event_payload", {}).get("action_id") == cmd.id
+            for r in notify_env.slack.requests
+        ),
+        timeout=30,
+        what="the post to reach Slack",
+    )
+    await asyncio.to_thread(proc.stop)  # SIGTERM while Slack takes 2 s to answer
+    assert proc.popen is not None
+    # uvicorn re-raises SIGTERM once it has shut down in order
+    assert proc.popen.returncode in (0, -15), proc.log_tail()
+    assert "Application shutdown complete" in proc.log_tail()
+    (row,) = await notify_env.query(
+        "SELECT state, status, in_doubt FROM deliveries WHERE command_id = :id", id=cmd.id
+    )
+    assert (row.state, row.status, row.in_doubt) == ("done", "delivered", False)
+    events = await notify_env.outcomes(lambda ev: statuses(ev, cmd.id))
+    assert statuses(events, cmd.id) == ["delivered"]

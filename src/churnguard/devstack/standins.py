@@ -248,6 +248,7 @@ class SlackStandIn:
         """Every request as received (also the refused ones), with its arrival time."""
         self._failures: list[ScriptedFailure] = []
         self._drops = 0
+        self._delays: list[float] = []
         self._ts = itertools.count(1)
         self.app = web.Application()
         self.app.router.add_post("/api/chat.postMessage", self._post_message)
@@ -259,6 +260,10 @@ class SlackStandIn:
         body = {"ok": False, "error": "ratelimited" if status == 429 else "internal_error"}
         headers = {"Retry-After": str(retry_after)} if status == 429 else {}
         self._failures += [ScriptedFailure(status, body, headers)] * times
+
+    def slow_next(self, seconds: float, times: int = 1) -> None:
+        """Answer the next posts only after ``seconds`` (a slow Slack)."""
+        self._delays += [seconds] * times
 
     def drop_after_posting_next(self, times: int = 1) -> None:
         """Post the next messages, then drop the connection before answering: the
@@ -313,6 +318,8 @@ class SlackStandIn:
     async def _post_message(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         self.requests.append({"at": time.monotonic(), "path": request.path, "body": body})
+        if self._delays:
+            await asyncio.sleep(self._delays.pop(0))
         if (failure := self._next_failure()) is not None:
             return web.json_response(failure.body, status=failure.status, headers=failure.headers)
         if request.headers.get("Authorization") != f"Bearer {self.token}":

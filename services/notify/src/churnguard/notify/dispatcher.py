@@ -116,6 +116,7 @@ class Dispatcher:
         self.wake_outbox = wake_outbox
         self.lanes = {lane: Lane(ch, settings.concurrency) for lane, ch in channels.items()}
         self._wake = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
         self.fault = settings.fault_point
 
     # -- feeding --------------------------------------------------------------------------
@@ -146,6 +147,17 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def drain(self, timeout_s: float) -> int:
+        """Wait for the attempts in flight (after :meth:`run` was cancelled) to record their
+        results; returns how many were still running at the timeout (and are cancelled:
+        those are left in doubt for the next process)."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=timeout_s)
+        left = list(self._in_flight)
+        for task in left:
+            task.cancel()
+        return len(left)
+
     async def _schedule(self) -> None:
         """Find what is due (retries, scheduled payments, leases of dead instances) and
         attempts interrupted by a crash, every ``poll_interval_s`` or when woken."""
@@ -170,8 +182,13 @@ class Dispatcher:
     async def _worker(self, lane: Lane) -> None:
         while True:
             _, _, delivery_id = await lane.queue.get()
+            # an attempt is its own task, shielded: stopping the workers never cuts a
+            # provider call off from its record (which would leave it in doubt)
+            attempt = asyncio.create_task(self.attempt(lane.channel, delivery_id))
+            self._in_flight.add(attempt)
+            attempt.add_done_callback(self._in_flight.discard)
             try:
-                await self.attempt(lane.channel, delivery_id)
+                await asyncio.shield(attempt)
             except Exception:
                 # the row stays leased (queued or sending); the lease expiry or a restart
                 # brings it back, in doubt if it was sending

@@ -197,6 +197,10 @@ class NotifyService:
             task.remove_done_callback(self._stopped)
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.dispatcher is not None:
+            left = await self.dispatcher.drain(self.settings.provider_timeout_s + 5)
+            if left:
+                log.warning("stopped with %d attempts unfinished: they are in doubt", left)
         with contextlib.suppress(Exception):
             await self.outbox.publish_once()  # what finished before the stop, out now
         for channel in self.channels.values():
