@@ -138,6 +138,10 @@ async def test_email_has_both_parts_and_the_headers(notify_env: NotifyEnv, notif
     assert "https://billing.acme.test/update" in html_part.get_content()
     events = await notify_env.outcomes(lambda ev: "delivered" in statuses(ev, cmd.id))
     assert statuses(events, cmd.id) == ["delivered"]
+    async with httpx.AsyncClient() as client:
+        exported = (await client.get(f"{notify}/metrics")).text
+    assert 'churnguard_notify_sends_total{channel="email",status="delivered"}' in exported
+    assert 'churnguard_notify_send_seconds_count{channel="email"}' in exported
 
 
 async def test_one_click_unsubscribe_suppresses_the_next_email(
@@ -352,6 +356,32 @@ async def test_in_app_inbox_stream_read_and_dismiss(notify_env: NotifyEnv, notif
         assert all_messages == []
     events = await notify_env.outcomes(lambda ev: "dismissed" in statuses(ev, cmd.id))
     assert statuses(events, cmd.id) == ["delivered", "read", "dismissed"]
+
+
+async def test_inbox_stream_replays_what_a_reconnecting_client_missed(
+    notify_env: NotifyEnv, notify: str
+) -> None:
+    user = "u_inbox_2"
+    variables = {"account_name": "Acme", "help_url": "https://help.acme.test/x"}
+    first = notification("in_app", "usage_drop_check_in", user, variables)
+    second = notification("in_app", "usage_drop_check_in", user, variables)
+    await notify_env.send(Topic.NOTIFICATIONS, first, second)
+    await notify_env.outcomes(lambda ev: statuses(ev, first.id) and statuses(ev, second.id))
+    async with httpx.AsyncClient(base_url=notify, headers=AUTH, timeout=30) as client:
+        listed = (await client.get("/v1/inbox/messages", params={"user_id": user})).json()
+        by_action = {m["action_id"]: m["id"] for m in listed}
+        seen: list[str] = []
+        async with client.stream(
+            "GET",
+            "/v1/inbox/stream",
+            params={"user_id": user},
+            headers={"Last-Event-ID": str(by_action[first.id])},
+        ) as stream:
+            async for line in stream.aiter_lines():
+                if line.startswith("id: "):
+                    seen.append(line[4:])
+                    break
+    assert seen == [str(by_action[second.id])]
 
 
 async def test_csm_task_and_signed_webhook(notify_env: NotifyEnv, notify: str) -> None:
