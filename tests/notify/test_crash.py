@@ -130,3 +130,38 @@ async def test_sigterm_lets_the_call_in_flight_finish_and_record(notify_env: Not
     assert (row.state, row.status, row.in_doubt) == ("done", "delivered", False)
     events = await notify_env.outcomes(lambda ev: statuses(ev, cmd.id))
     assert statuses(events, cmd.id) == ["delivered"]
+
+
+async def test_two_replicas_share_the_work_and_deliver_each_command_once(
+    notify_env: NotifyEnv,
+) -> None:
+    group = f"pair-{uuid.uuid4().hex[:6]}"
+    await asyncio.to_thread(notify_env.start, CHURNGUARD_NOTIFY_GROUP_ID=group)
+    await asyncio.to_thread(notify_env.start, CHURNGUARD_NOTIFY_GROUP_ID=group)
+    emails = [
+        notification(
+            "email", "payment_failed", f"pair{n}@acme.test", PAYMENT_VARIABLES, account=f"a{n}"
+        )
+        for n in range(20)
+    ]
+    alerts = [
+        notification("slack", "risk_alert", ALERTS, RISK_VARIABLES, account=f"a{n}")
+        for n in range(20)
+    ]
+    await notify_env.send(Topic.NOTIFICATIONS, *emails, *alerts)
+    events = await notify_env.outcomes(lambda ev: all(statuses(ev, c.id) for c in emails + alerts))
+    assert all(statuses(events, c.id) == ["delivered"] for c in emails + alerts)
+    assert all(len(notify_env.smtp.to(f"pair{n}@acme.test")) == 1 for n in range(20))
+    ids = {c.id for c in alerts}
+    posted = [
+        m["metadata"]["event_payload"]["action_id"]
+        for m in notify_env.slack.messages
+        if m["metadata"]["event_payload"]["action_id"] in ids
+    ]
+    assert sorted(posted) == sorted(ids)
+    instances = await notify_env.query(
+        "SELECT count(DISTINCT a.instance) AS n FROM delivery_attempts a "
+        "JOIN deliveries d ON d.id = a.delivery_id WHERE d.command_id = ANY(:ids)",
+        ids=[c.id for c in emails + alerts],
+    )
+    assert instances[0].n == 2, "both replicas delivered some"
