@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -28,6 +29,15 @@ from tests.notify.conftest import (
 )
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def own_processes(notify_env: NotifyEnv) -> Iterator[None]:
+    """Each test's notify processes are its own: a process left running would claim the
+    next test's commands (every group reads every command; the first claim wins)."""
+    yield
+    for proc in notify_env.processes:
+        proc.stop()
 
 
 async def killed_during(notify_env: NotifyEnv, topic: Topic, command: object) -> None:
