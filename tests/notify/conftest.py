@@ -230,6 +230,11 @@ def statuses(events: list[dict[str, Any]], action_id: str) -> list[str]:
     return list(seen.values())
 
 
+def first_outcome(events: list[dict[str, Any]], action_id: str) -> dict[str, Any]:
+    """The first outcome event of a command (a repeat of the same record may follow)."""
+    return next(e for e in events if e["data"]["action_id"] == action_id)
+
+
 def notification(
     channel: str,
     template: str,

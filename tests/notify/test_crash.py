@@ -23,6 +23,7 @@ from tests.notify.conftest import (
     PAYMENT_VARIABLES,
     RISK_VARIABLES,
     NotifyEnv,
+    first_outcome,
     notification,
     payment_retry,
     statuses,
@@ -87,7 +88,7 @@ async def test_sigkill_after_the_provider_call_sends_nothing_twice(notify_env: N
     assert statuses(events, slack.id) == ["delivered"]
     assert statuses(events, charge.id) == ["payment_succeeded"]
     assert statuses(events, email.id) == ["failed"]
-    (email_outcome,) = [e for e in events if e["data"]["action_id"] == email.id]
+    email_outcome = first_outcome(events, email.id)
     assert "in doubt" in email_outcome["data"]["detail"]
 
     assert len(notify_env.smtp.to("crash@acme.test")) == 1

@@ -21,6 +21,7 @@ from tests.notify.conftest import (
     PAYMENT_VARIABLES,
     RISK_VARIABLES,
     NotifyEnv,
+    first_outcome,
     notification,
     payment_retry,
     statuses,
@@ -213,7 +214,7 @@ async def test_stripe_gets_one_pay_call_per_idempotency_key(
     await notify_env.send(Topic.PAYMENT_RETRIES, declined)
     events = await notify_env.outcomes(lambda ev: statuses(ev, ok.id) and statuses(ev, declined.id))
     assert statuses(events, ok.id) == ["payment_succeeded"]
-    (failed,) = [e for e in events if e["data"]["action_id"] == declined.id]
+    failed = first_outcome(events, declined.id)
     assert failed["data"]["status"] == "payment_failed"
     assert failed["data"]["decline_code"] == "insufficient_funds"
     assert stripe.charges[ok.id] == 1
@@ -242,7 +243,7 @@ async def test_transient_failures_retry_then_dead_letter(
     cmd = notification("email", "payment_failed", "flaky@acme.test", PAYMENT_VARIABLES)
     await notify_env.send(Topic.NOTIFICATIONS, cmd)
     events = await notify_env.outcomes(lambda ev: statuses(ev, cmd.id))
-    (outcome,) = [e for e in events if e["data"]["action_id"] == cmd.id]
+    outcome = first_outcome(events, cmd.id)
     assert outcome["data"]["status"] == "failed"
     assert "gave up after 3 attempts" in outcome["data"]["detail"]
     assert "451" in outcome["data"]["detail"]

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -80,7 +81,10 @@ class Instance:
             return
         for sub in list(self._subscribers):
             if sub.matches(message):
-                sub.queue.put_nowait(int(message["id"]))
+                # a stream that fell 10,000 messages behind misses some; its client
+                # reconnects with Last-Event-ID and gets them from the table
+                with contextlib.suppress(asyncio.QueueFull):
+                    sub.queue.put_nowait(int(message["id"]))
 
     def subscribe(self, user_id: str | None, account_id: str | None) -> Subscription:
         sub = Subscription(user_id, account_id, self._subscribers.discard)

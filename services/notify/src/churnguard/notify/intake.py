@@ -136,6 +136,9 @@ class Intake:
                     local.append((delivery_id, command, plan.variables))
                     outbox.append(outcome_row(for_command(command, "delivered")))
                     metrics.SENDS.labels(lane, "delivered").inc()
+                    metrics.DELIVERY_SECONDS.labels(lane).observe(
+                        (now - command.time).total_seconds()
+                    )
                 elif plan.row["locked_by"] is not None:
                     handoff.append((delivery_id, lane, plan.row["priority"]))
                 else:

@@ -342,6 +342,13 @@ class OutboxRepository:
         self.session = session
 
     async def take(self, limit: int) -> list[Any]:
+        """The oldest unpublished rows, or none while another process publishes: one
+        publisher at a time keeps each account's outcomes in the order they happened."""
+        locked = await self.session.execute(
+            text("SELECT pg_try_advisory_xact_lock(:cls, 0)"), {"cls": INSTANCE_LOCK_CLASS}
+        )
+        if not locked.scalar_one():
+            return []
         statement = (
             select(
                 outbox.c.id,
@@ -354,7 +361,6 @@ class OutboxRepository:
             .where(outbox.c.published_at.is_(None))
             .order_by(outbox.c.id)
             .limit(limit)
-            .with_for_update(skip_locked=True)
         )
         return list((await self.session.execute(statement)).all())
 
