@@ -3,10 +3,13 @@ restart-to-ready and memory with 100,000 accounts of state.
 
 Pre-filled topics on the embedded broker (Tansu), then one worker process consumes them:
 
-scoring_events_per_s: usage events in 200-event partition envelopes (what ingest
-produces under load) over 100,000 accounts, through the worker: features, revenue,
-signals, micro-batch ONNX scoring of every touched account, dirty buckets to the
+scoring_events_per_s: 600,000 usage events in 200-event partition envelopes (what ingest
+produces under load) over 100,000 accounts and 3 days, every account twice a day, in time
+order (a replay of recent history), through the worker: features, revenue, signals,
+micro-batch ONNX scoring of touched accounts within its budget, dirty buckets to the
 changelog at each commit. Timed from its first processed event to its last.
+scoring_scores_per_s: accounts scored per second from the first event until every touched
+account has its score; scoring_drain_s: how long after the last event that took.
 faust_bare_records_per_s (same run): a Faust agent that does nothing, one event per record.
 scoring_ready_s_100k_accounts: SIGTERM the worker, start a new one: start to ready (every
 account restored from the changelog). scoring_rss_mib_100k_accounts: the worker's RSS then.
@@ -29,6 +32,7 @@ import httpx
 import orjson
 import psutil
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.harness import report
 from churnguard.common import envelope
@@ -41,6 +45,7 @@ from churnguard.devstack.tansu import TansuBroker
 REPO = Path(__file__).resolve().parents[1]
 ACCOUNTS = 100_000
 EVENTS = 600_000
+DAYS = 3
 BARE_RECORDS = 60_000
 PARTITIONS = 4
 ENVELOPE = 200
@@ -49,16 +54,20 @@ FEATURES = ("reports", "dashboards", "integrations", "automations", "api", "expo
 
 
 def _usage_envelopes(run: int) -> list[tuple[int, bytes]]:
-    """EVENTS feature-used events over ACCOUNTS accounts and 30 days, as envelopes."""
-    start = datetime.now(UTC) - timedelta(days=30)
+    """EVENTS feature-used events over ACCOUNTS accounts and the last DAYS days, as
+    envelopes: every account twice a day (two of its users), the day's events interleaved
+    across accounts and in time order, as a replay of recent history reads."""
+    start = datetime.now(UTC) - timedelta(days=DAYS)
+    per_day = EVENTS // DAYS
     pending: dict[int, list[bytes]] = {p: [] for p in range(PARTITIONS)}
     out: list[tuple[int, bytes]] = []
-    partition_of = {}
+    partition_of: dict[str, int] = {}
     for i in range(EVENTS):
-        account = f"acct_{(i * 7919) % ACCOUNTS:06d}"
+        day, j = divmod(i, per_day)
+        account = f"acct_{(j * 7919) % ACCOUNTS:06d}"
         if (p := partition_of.get(account)) is None:
             p = partition_of[account] = envelope.partition_for(account, PARTITIONS)
-        when = start + timedelta(seconds=i * 30 * 86_400 // EVENTS)
+        when = start + timedelta(days=day, seconds=j * 86_400 // per_day)
         pending[p].append(
             orjson.dumps(
                 {
@@ -69,7 +78,7 @@ def _usage_envelopes(run: int) -> list[tuple[int, bytes]]:
                     "time": when.isoformat(),
                     "subject": account,
                     "data": {
-                        "user_id": f"u{i % 23}",
+                        "user_id": f"u{j // ACCOUNTS}",
                         "feature": FEATURES[i % len(FEATURES)],
                         "count": 1 + i % 3,
                     },
@@ -168,11 +177,27 @@ def _bare_rate(home: Path, bootstrap: str, run: int) -> float:
         bare.stop()
 
 
-def _one_run(home: Path, bootstrap: str, run_no: int) -> tuple[float, float, float]:
-    """One worker over the pre-filled topic, then a restart: (events/s, ready s, RSS MiB)."""
+async def _committed_async(bootstrap: str, group: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+        return sum(o.offset for o in offsets.values() if o.offset > 0)
+    finally:
+        await admin.close()
+
+
+def _committed(bootstrap: str, prefix: str) -> int:
+    """Offsets the scoring group committed, summed over the source partitions."""
+    return asyncio.run(_committed_async(bootstrap, prefix + "churnguard-scoring"))
+
+
+def _one_run(home: Path, bootstrap: str, run_no: int) -> dict[str, float]:
+    """One worker over the pre-filled topic, then a restart."""
     prefix = f"b{run_no}."
     asyncio.run(ensure_topics(bootstrap, planned_topics(prefix)))
-    asyncio.run(_fill(bootstrap, Topic.USAGE.name_in(prefix), _usage_envelopes(run_no)))
+    records = _usage_envelopes(run_no)
+    asyncio.run(_fill(bootstrap, Topic.USAGE.name_in(prefix), records))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     worker = _scoring_process(home, bootstrap, prefix, port, 2 * run_no)
@@ -185,13 +210,23 @@ def _one_run(home: Path, bootstrap: str, run_no: int) -> tuple[float, float, flo
             lambda: _metric(url, "churnguard_consumer_events_total"), EVENTS, 900
         )
         rate = EVENTS / max(done - first, 1e-6)
-        # every account scored once, and its state written, before the restart
+        # every account scored once: how long the scores take to catch up after the stream
         _await_count(
             lambda: _metric(url, 'churnguard_scoring_outputs_total{kind="scores"'), ACCOUNTS, 600
         )
-        time.sleep(3)  # two commit intervals: the last dirty buckets are written
+        _await_count(
+            lambda: float(_metric(url, "churnguard_scoring_pending_accounts") == 0), 1, 600
+        )
+        drained = time.monotonic()
+        scores_per_s = _metric(url, "churnguard_scoring_accounts_scored_total") / (drained - first)
+        # the state of every record written and committed before the restart
+        wait_until(
+            lambda: _committed(bootstrap, prefix) >= len(records),
+            timeout=120,
+            what="offsets committed",
+        )
     finally:
-        worker.stop()  # SIGTERM: Faust's graceful path commits
+        worker.stop()  # SIGTERM
     again = _scoring_process(home, bootstrap, prefix, port, 2 * run_no + 1)
     started = time.monotonic()
     again.start()
@@ -210,40 +245,47 @@ def _one_run(home: Path, bootstrap: str, run_no: int) -> tuple[float, float, flo
         rss_mib = psutil.Process(again.pid).memory_info().rss / 2**20
     finally:
         again.stop()
-    return rate, ready_s, rss_mib
+    return {
+        "rate": rate,
+        "scores_per_s": scores_per_s,
+        "drain_s": drained - done,
+        "ready_s": ready_s,
+        "rss_mib": rss_mib,
+    }
 
 
 def run() -> dict[str, float]:
     home = Path(tempfile.mkdtemp(prefix="cg-scoring-bench-", dir=REPO / ".dev"))
     broker = TansuBroker(home / "kafka", free_port())
-    rates: list[float] = []
+    runs: list[dict[str, float]] = []
     bare: list[float] = []
-    ready: list[float] = []
-    rss: list[float] = []
     try:
         broker.start()
         for run_no in range(REPEATS):
-            rate, ready_s, rss_mib = _one_run(home, broker.bootstrap, run_no)
-            rates.append(rate)
-            ready.append(ready_s)
-            rss.append(rss_mib)
+            runs.append(_one_run(home, broker.bootstrap, run_no))
             bare.append(_bare_rate(home, broker.bootstrap, run_no))
     finally:
         broker.stop()
         shutil.rmtree(home, ignore_errors=True)
 
+    def column(key: str) -> list[float]:
+        return [r[key] for r in runs]
+
     def fmt(values: list[float], spec: str = ",.0f") -> str:
         return ", ".join(format(v, spec) for v in values)
 
-    rate, bare_rate = statistics.median(rates), statistics.median(bare)
-    ready_s, rss_mib = statistics.median(ready), statistics.median(rss)
+    rate, bare_rate = statistics.median(column("rate")), statistics.median(bare)
+    scores, drain = statistics.median(column("scores_per_s")), statistics.median(column("drain_s"))
+    ready_s, rss_mib = statistics.median(column("ready_s")), statistics.median(column("rss_mib"))
     report(
         f"scoring (one worker, Tansu, {PARTITIONS} partitions, {ACCOUNTS:,} accounts)",
         [
-            ("scoring_events_per_s (features + scoring on)", rate, fmt(rates)),
+            ("scoring_events_per_s (features + scoring on)", rate, fmt(column("rate"))),
+            ("scoring_scores_per_s (accounts scored)", scores, fmt(column("scores_per_s"))),
+            ("scoring_drain_s (last event to every score)", drain, fmt(column("drain_s"), ".1f")),
             ("faust_bare_records_per_s (same run)", bare_rate, fmt(bare)),
-            ("scoring_ready_s_100k_accounts (restart)", ready_s, fmt(ready, ".1f")),
-            ("scoring_rss_mib_100k_accounts", rss_mib, fmt(rss, ".0f")),
+            ("scoring_ready_s_100k_accounts (restart)", ready_s, fmt(column("ready_s"), ".1f")),
+            ("scoring_rss_mib_100k_accounts", rss_mib, fmt(column("rss_mib"), ".0f")),
         ],
         [
             ("scoring events/s ÷ bare Faust records/s", rate / bare_rate),
@@ -252,6 +294,8 @@ def run() -> dict[str, float]:
     )
     return {
         "scoring_events_per_s": rate,
+        "scoring_scores_per_s": scores,
+        "scoring_drain_s": drain,
         "faust_bare_records_per_s": bare_rate,
         "scoring_ready_s_100k_accounts": ready_s,
         "recovery_s_100k_accounts": ready_s,

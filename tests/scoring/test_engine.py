@@ -73,6 +73,18 @@ def engine_at(day: date) -> tuple[ScoringEngine, Wall]:
     return ScoringEngine(ModelWatcher(DEFAULT_MODEL_PATH), wall=wall), wall
 
 
+def assert_applied_once(engine: ScoringEngine, account: str, events: list[dict[str, Any]]) -> None:
+    """``account`` in ``engine`` has the features of ``events`` applied once, in order."""
+    once, _ = engine_at(date.fromordinal(engine.clock.today()))
+    once.apply(0, events)
+    today = once.clock.today()
+    got, want = engine.account(account), once.account(account)
+    assert got is not None
+    assert want is not None
+    assert got.features.features(today) == want.features.features(today)
+    assert got.revenue.mrr == want.revenue.mrr
+
+
 def scores_of(outputs: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     return [e for kind, e in outputs if kind == "scores"]
 
@@ -204,14 +216,7 @@ def test_a_record_consumed_again_after_a_crash_is_applied_once() -> None:
     # the record was not acknowledged: it is consumed again, whole
     restored.apply(0, events, origins)
     assert restored.replayed_skipped == len(head)
-    once, _ = engine_at(START + timedelta(days=days - 1))
-    once.apply(0, events)
-    today = once.clock.today()
-    got, want = restored.account("acct_r"), once.account("acct_r")
-    assert got is not None
-    assert want is not None
-    assert got.features.features(today) == want.features.features(today)
-    assert got.revenue.mrr == want.revenue.mrr
+    assert_applied_once(restored, "acct_r", events)
 
 
 def test_a_lane_known_to_be_behind_is_waited_for_however_long() -> None:
@@ -281,13 +286,7 @@ def test_a_bucket_written_before_the_replay_catches_up_keeps_what_it_holds() -> 
     for partition, _, blob in blobs:
         third.load_bucket(partition, blob)
     third.apply(0, events, origins)  # the whole record range once more
-    once, _ = engine_at(when)
-    once.apply(0, events)
-    today = once.clock.today()
-    got, want = third.account("acct_r"), once.account("acct_r")
-    assert got is not None
-    assert want is not None
-    assert got.features.features(today) == want.features.features(today)
+    assert_applied_once(third, "acct_r", events)
     assert third.replayed_skipped == len(events)
 
 
@@ -309,7 +308,7 @@ def test_a_bucket_written_right_after_a_restart_claims_only_its_own_progress() -
     for blob in [*early.values(), *late.values()]:
         restarted.load_bucket(0, blob)
     restarted.account("acct_b").signals.pending = True
-    restarted.partition(0).pending.add("acct_b")
+    restarted.partition(0).pending["acct_b"] = None
     restarted.score_pending()
     written = {bucket: blob for _, bucket, blob in restarted.take_dirty()}
     assert decode_bucket(written[b_bucket])[0] == {"usage": (len(b) - 1, -1)}
@@ -323,11 +322,5 @@ def test_a_record_delivered_twice_to_one_process_is_applied_once() -> None:
     origins = [("usage", 3, i) for i in range(len(events) - 1)] + [("usage", 3, -1)]
     engine.apply(0, events, origins)
     engine.apply(0, events, origins)
-    once, _ = engine_at(START + timedelta(days=9))
-    once.apply(0, events)
-    today = once.clock.today()
-    got, want = engine.account("acct_twice"), once.account("acct_twice")
-    assert got is not None
-    assert want is not None
-    assert got.features.features(today) == want.features.features(today)
+    assert_applied_once(engine, "acct_twice", events)
     assert engine.redelivered_skipped == len(events)

@@ -171,7 +171,7 @@ def test_reasons_name_what_the_features_imply(shipped: ChurnModel) -> None:
     assert risky_score.health < 50 < fine_score.health
 
     reasons = {r.code: r for r in risky_score.reasons}
-    assert len(risky_score.reasons) == 3
+    assert 2 <= len(risky_score.reasons) <= 3  # the top 3 at most, each of weight
     assert "payment_failed" in reasons
     assert reasons["payment_failed"].description == (
         "1 failed payment in 60 days; 1 invoice unpaid"

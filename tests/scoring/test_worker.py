@@ -199,6 +199,32 @@ async def test_scores_and_signals_are_valid_events_keyed_by_account(
     for record in signals:
         TypeAdapter(SignalEvent).validate_json(record.value)
 
+    # what an SRE scrapes: every event consumed, scores sent, the model's version
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with asyncio.timeout(60):
+            while (  # noqa: ASYNC110 - polling an HTTP view: nothing to await on
+                consumed := metric(
+                    await client.get(f"{scoring_service.url}/metrics"),
+                    "churnguard_consumer_events_total",
+                )
+            ) < len(events):
+                await asyncio.sleep(0.2)
+        response = await client.get(f"{scoring_service.url}/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    assert consumed == len(events)
+    assert metric(response, 'churnguard_scoring_outputs_total{kind="scores"') >= len(accounts)
+    assert 'churnguard_scoring_model_info{version="gbm-' in response.text
+
+
+def metric(response: httpx.Response, name: str) -> float:
+    """The sum of a metric's samples whose line starts with ``name`` (labels may follow)."""
+    response.raise_for_status()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in response.text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
 
 async def test_bad_records_and_events_go_to_dead_letters_and_the_rest_flows_on(
     kafka: KafkaBroker, kafka_topics: str, scoring_service: RunningService

@@ -107,7 +107,8 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
         store="memory://",
         datadir=str(settings.data_dir),
         processing_guarantee="at_least_once",
-        broker_commit_interval=settings.commit_interval_s,
+        # offsets are acknowledged at each persist; committing them is cheap, so soon
+        broker_commit_interval=min(settings.commit_interval_s, 1.0),
         broker_rebalance_timeout=settings.rebalance_timeout_s,
         broker_session_timeout=settings.session_timeout_s,
         producer_acks=-1,
@@ -160,15 +161,25 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
         Faust commits only acknowledged offsets, so after a crash every record either is
         in the restored state or is consumed again; a half-applied record is skipped up
         to where each bucket's state got (``PartitionState.restored``)."""
+        if stopping():
+            return  # what is not acknowledged is consumed again by the next worker
+        # one synchronous snapshot: the acknowledgements, the outputs sent so far and the
+        # state that made them (state must never claim outputs that did not go out)
         acks = unacked[:]
         unacked.clear()
-        futures = in_flight[:]
+        outputs = in_flight[:]
         in_flight.clear()
-        written: list[tuple[int, int]] = []
+        blobs = list(engine.take_dirty())
+        try:
+            await asyncio.gather(*outputs)
+        except Exception as exc:
+            lose_outputs(exc)
+            return
+        written = [(partition, bucket) for partition, bucket, _ in blobs]
         changelog = state_table.changelog_topic.get_topic_name()
         try:
-            for partition, bucket, blob in engine.take_dirty():
-                written.append((partition, bucket))
+            futures = []
+            for partition, bucket, blob in blobs:
                 key = bucket_key(partition, bucket).encode()
                 state_table.data[key] = blob
                 futures.append(await app.producer.send(changelog, key, blob, partition, None, None))
@@ -242,17 +253,36 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
 
     # -- outputs ---------------------------------------------------------------------------
 
+    outputs_lost: list[BaseException] = []
+    """A send that failed: the state that made those outputs must never be persisted (it
+    says they went out), so the worker stops and a successor replays them."""
+
+    def stopping() -> bool:
+        return bool(app.should_stop) or bool(outputs_lost)
+
+    def lose_outputs(exc: BaseException) -> None:
+        if outputs_lost:
+            return
+        log.error("an output was not delivered (%r): stopping without persisting", exc)
+        outputs_lost.append(exc)
+        if not app.should_stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+
     async def send_outputs(outputs: list[Output]) -> None:
         producer = app.producer
         for kind, event in outputs:
-            sent = await producer.send(
-                OUTPUT_TOPICS[kind].name_in(prefix),
-                event["subject"].encode(),
-                orjson.dumps(event),
-                None,
-                None,
-                HEADERS,
-            )
+            try:
+                sent = await producer.send(
+                    OUTPUT_TOPICS[kind].name_in(prefix),
+                    event["subject"].encode(),
+                    orjson.dumps(event),
+                    None,
+                    None,
+                    HEADERS,
+                )
+            except Exception as exc:  # the producer is closing, or Kafka refused
+                lose_outputs(exc)
+                return
             in_flight.append(sent)
             sm.OUTPUTS.labels(kind, event["type"]).inc()
             if kind == "scores":
@@ -295,7 +325,7 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
     async def read_committed_offsets() -> None:
         """Where lanes that have not delivered resume: until the aligner knows, it cannot
         tell a lane with records to come from one that has none."""
-        if app.rebalancing:
+        if app.rebalancing or stopping():
             return
         names = set(dead_letter_of)
         wanted = {
@@ -386,6 +416,8 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
     @app.timer(interval=settings.align_max_wait_s / 2)
     async def release_stalled() -> None:
         """A lane that stopped delivering must not hold the others for ever."""
+        if stopping():
+            return
         for partition in list(aligner.lanes):
             await apply_released(partition)
 
@@ -393,9 +425,9 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
 
     @app.timer(interval=settings.score_interval_s)
     async def score() -> None:
-        assigned = assigned_partitions()
-        if app.rebalancing:
+        if app.rebalancing or stopping():
             return
+        assigned = assigned_partitions()
         for partition in list(engine.partitions):
             if partition not in assigned and partition in loaded:
                 # revoked: its unacknowledged records go to the next owner (or come back)
@@ -411,20 +443,27 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
         rolled = engine.roll_days()
         if rolled:
             log.info("day rolled: %d accounts to re-score", rolled)
-        while engine.pending_count():
+        deadline = time.perf_counter() + settings.score_interval_s * settings.score_budget
+        while engine.pending_count() and not stopping():
             t0 = time.perf_counter()
+            before = engine.pending_count()
             outputs = engine.score_pending(settings.score_batch)
-            sm.SCORE_BATCH_SECONDS.observe(time.perf_counter() - t0)
+            done = time.perf_counter()
+            sm.SCORED.inc(before - engine.pending_count())
+            sm.SCORE_BATCH_SECONDS.observe(done - t0)
             await send_outputs(outputs)
+            if done >= deadline:
+                break  # the rest waits: consuming must go on
             await asyncio.sleep(0)  # let the agent run between batches
         sm.ACCOUNTS.set(engine.accounts())
+        sm.PENDING.set(engine.pending_count())
 
     @app.timer(interval=settings.model_check_interval_s)
     async def reload_model() -> None:
         if watcher.maybe_reload():
             sm.MODEL_VERSION.info({"version": watcher.current.version})
             for ps in engine.partitions.values():  # everyone, under the new model
-                ps.pending.update(ps.records)
+                ps.pending.update(dict.fromkeys(ps.records))
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -468,7 +507,9 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
 
     @app.page("/metrics")
     async def prometheus_metrics(web: Any, request: Any) -> Any:
-        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+        # the exposition content type carries a charset, which aiohttp refuses in
+        # content_type: give it as the header itself
+        return web.bytes(generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.conf.table_cleanup_interval = 30.0
     return app

@@ -27,16 +27,17 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from itertools import islice
 from typing import Any, Final
 
 import cramjam
+import numpy as np
 import orjson
 
 from churnguard.scoring.features import (
     AccountState,
     InvalidEventError,
     day_ordinal,
-    feature_matrix,
 )
 from churnguard.scoring.model import ModelWatcher, Score, health_for
 from churnguard.scoring.revenue import RevenueLedger
@@ -86,6 +87,8 @@ class AccountRecord:
     features: AccountState
     revenue: RevenueLedger
     signals: SignalState
+    blob: bytes | None = None
+    """The record as last encoded for its bucket; None once it changed since."""
 
 
 Progress = dict[str, tuple[int, int]]
@@ -126,7 +129,11 @@ def covers(a: Progress, b: Progress) -> bool:
 class PartitionState:
     records: dict[str, AccountRecord] = field(default_factory=dict)
     dirty: set[int] = field(default_factory=set)
-    pending: set[str] = field(default_factory=set)
+    pending: dict[str, None] = field(default_factory=dict)
+    """Accounts to score, oldest first (an account touched again keeps its place)."""
+    urgent: dict[str, None] = field(default_factory=dict)
+    """Accounts to score before the others: touched by a billing, feedback or seats event
+    (what moves a score most), or new."""
     rescored_day: int = -1
     progress: Progress = field(default_factory=dict)
     """How far this partition's sources have been consumed in this process: every event
@@ -209,7 +216,7 @@ class ScoringEngine:
         not be used. With ``origins`` (one per event), progress is tracked, and events a
         restored bucket already holds are skipped."""
         ps = self.partition(partition)
-        records, dirty, pending = ps.records, ps.dirty, ps.pending
+        records, dirty, pending, urgent = ps.records, ps.dirty, ps.pending, ps.urgent
         progress, restored = ps.progress, ps.restored
         outputs: list[Output] = []
         rejected: list[RejectedEvent] = []
@@ -230,6 +237,7 @@ class ScoringEngine:
             record = records.get(account)
             if record is None:
                 record = records[account] = self._new_record(account)
+                urgent[account] = None
             if origins is not None:
                 origin = origins[index]
                 if already_applied(progress, origin):
@@ -246,6 +254,8 @@ class ScoringEngine:
                 record.features.apply(event)
             except InvalidEventError as exc:
                 rejected.append(RejectedEvent(event, str(exc), index))
+                record.blob = None  # its watermark may have moved to the event's day
+                dirty.add(record.bucket)
                 continue
             kind = event.get("type", "")
             if kind.startswith(BILLING_PREFIX):
@@ -259,7 +269,11 @@ class ScoringEngine:
                     for s in event_signals(event, record.features, record.signals, day)
                 )
             record.signals.pending = True
-            pending.add(account)
+            if kind in _ROUTINE_TYPES:
+                pending[account] = None
+            else:
+                urgent[account] = None
+            record.blob = None
             dirty.add(record.bucket)
             if day > max_day:
                 max_day = day
@@ -289,30 +303,43 @@ class ScoringEngine:
             ps.rescored_day = today
             for account, record in ps.records.items():
                 if record.signals.scored_day < today and account not in ps.pending:
-                    ps.pending.add(account)
+                    ps.pending[account] = None
                     marked += 1
         return marked
 
     def pending_count(self) -> int:
-        return sum(len(ps.pending) for ps in self.partitions.values())
+        return sum(len(ps.pending) + len(ps.urgent) for ps in self.partitions.values())
 
     def score_pending(self, limit: int = 2_000) -> list[Output]:
-        """Score up to ``limit`` pending accounts in one batch; their events to send."""
+        """Score up to ``limit`` pending accounts in one batch, urgent ones first, then the
+        others oldest first; returns their events to send.
+
+        An account touched many times while it waits is scored once: under load, scores of
+        accounts that only saw routine usage are coalesced over as long as the scoring
+        budget needs (the app spends a bounded share of each interval here)."""
         chosen: list[tuple[PartitionState, AccountRecord]] = []
-        for ps in self.partitions.values():
-            while ps.pending and len(chosen) < limit:
-                record = ps.records.get(ps.pending.pop())
-                if record is not None:
-                    chosen.append((ps, record))
-            if len(chosen) >= limit:
-                break
+        for queue in ("urgent", "pending"):
+            for ps in self.partitions.values():
+                waiting: dict[str, None] = getattr(ps, queue)
+                if not waiting or len(chosen) >= limit:
+                    continue
+                taken = list(islice(waiting, limit - len(chosen)))
+                for account in taken:
+                    del waiting[account]
+                    if queue == "urgent":
+                        ps.pending.pop(account, None)
+                    record = ps.records.get(account)
+                    if record is not None:
+                        chosen.append((ps, record))
         if not chosen:
             return []
         today = self.clock.today()
         stamp = iso(self.clock.now())
         rows = [r.features.features(max(today, r.features.max_day)) for _, r in chosen]
         model = self.model.current
-        matrix = feature_matrix(rows)
+        exact = np.array([r.values for r in rows], dtype=np.float64)
+        matrix = exact.astype(np.float32)
+        published = np.round(exact, 6).tolist()  # the features as score events carry them
         probabilities = model.predict(matrix)
         # reasons cost ~16 predictions per account: only for scores that will be published
         # and are not healthy (a healthy account's score carries no reasons)
@@ -339,8 +366,10 @@ class ScoringEngine:
                     model.version,
                     record.signals,
                     stamp,
+                    published[i],
                 )
             )
+            record.blob = None
             ps.dirty.add(record.bucket)
         return outputs
 
@@ -380,7 +409,7 @@ class ScoringEngine:
         for record in records:
             ps.records[record.account] = record
             if record.signals.pending:
-                ps.pending.add(record.account)
+                ps.pending[record.account] = None
             self.clock.observe(record.features.max_day)
             n += 1
         if records:
@@ -569,6 +598,15 @@ def _order_key(event: dict[str, Any]) -> tuple[int, str]:
         return -1, ""  # unreadable: released at once, and rejected by apply()
 
 
+_ROUTINE_TYPES: Final = frozenset(
+    {
+        "churnguard.usage.feature_used",
+        "churnguard.usage.track",
+        "churnguard.usage.identify",
+        "churnguard.usage.group",
+    }
+)
+"""Events that move a score little each: their accounts wait their turn."""
 _EVENT_SIGNAL_TYPES: Final = frozenset(
     {"churnguard.billing.invoice_payment_failed", "churnguard.feedback.nps_submitted"}
 )
@@ -581,12 +619,22 @@ def encode_bucket(records: Iterable[AccountRecord], progress: Progress) -> bytes
     head = orjson.dumps(progress)
     parts: list[bytes] = [struct.pack("<I", len(head)), head]
     for record in records:
-        account = record.account.encode()
-        features = record.features.to_bytes()
-        revenue = record.revenue.to_bytes()
-        signals = orjson.dumps(record.signals.to_list())
-        parts.append(_HEAD.pack(len(account), len(features), len(revenue), len(signals)))
-        parts += (account, features, revenue, signals)
+        blob = record.blob
+        if blob is None:  # changed since it was last written: encode it again
+            account = record.account.encode()
+            features = record.features.to_bytes()
+            revenue = record.revenue.to_bytes()
+            signals = orjson.dumps(record.signals.to_list())
+            blob = record.blob = b"".join(
+                (
+                    _HEAD.pack(len(account), len(features), len(revenue), len(signals)),
+                    account,
+                    features,
+                    revenue,
+                    signals,
+                )
+            )
+        parts.append(blob)
     return bytes(cramjam.zstd.compress(b"".join(parts)))
 
 

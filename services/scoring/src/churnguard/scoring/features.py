@@ -682,7 +682,9 @@ class AccountState:
     # -- serialisation -------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        """A compact binary form (zlib-compressed), for the online worker's changelog."""
+        """A compact binary form for the online worker's changelog (uncompressed: the
+        worker compresses whole buckets of accounts at once, which compresses better and
+        costs far less than one zlib stream per account)."""
         out = bytearray(
             _HEADER.pack(
                 _FORMAT_VERSION,
@@ -727,11 +729,12 @@ class AccountState:
         for key, total in self.feature_totals.items():
             encoded = key.encode()
             out += struct.pack("<H", len(encoded)) + encoded + struct.pack("<Q", total)
-        return zlib.compress(bytes(out), 6)
+        return bytes(out)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> AccountState:
-        raw = zlib.decompress(blob)
+        # format 1 was zlib-compressed (a zlib stream starts with 0x78); 2 on are raw
+        raw = zlib.decompress(blob) if blob[:1] == b"\x78" else blob
         if raw[0] == 1:  # before feature totals: read as none so far
             head = (*_HEADER_V1.unpack_from(raw), 0)
             pos = _HEADER_V1.size

@@ -25,6 +25,14 @@ OUTPUTS = Counter(
     ["kind", "type"],
 )
 ACCOUNTS = Gauge("churnguard_scoring_accounts", "Accounts held by this worker")
+SCORED = Counter(
+    "churnguard_scoring_accounts_scored_total",
+    "Accounts scored (a score event goes out only when the score says something new)",
+)
+PENDING = Gauge(
+    "churnguard_scoring_pending_accounts",
+    "Accounts touched since their last score, waiting for the scoring budget",
+)
 STATE_WRITES = Counter(
     "churnguard_scoring_state_writes_total", "State buckets written to the changelog"
 )

@@ -19,7 +19,13 @@ class ScoringSettings(ServiceSettings):
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=6066, ge=1, le=65535)
     data_dir: Path = Field(default=Path(".dev/scoring"), description="Faust's local state")
-    commit_interval_s: float = Field(default=1.0, gt=0)
+    commit_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often dirty state buckets go to the changelog and the records they "
+        "cover are acknowledged: a crash replays at most this much; shorter costs more "
+        "changelog bytes (every dirty bucket is written whole)",
+    )
     rebalance_timeout_s: float = Field(
         default=60.0,
         gt=0,
@@ -54,7 +60,16 @@ class ScoringSettings(ServiceSettings):
     score_interval_s: float = Field(
         default=1.0, gt=0, description="How often touched accounts are scored"
     )
-    score_batch: int = Field(default=2_000, ge=1, description="Accounts per ONNX call")
+    score_batch: int = Field(default=500, ge=1, description="Accounts per ONNX call")
+    score_budget: float = Field(
+        default=0.4,
+        gt=0,
+        le=1,
+        description="Share of each scoring interval spent scoring: accounts touched by "
+        "billing, feedback or seats events (and new ones) go first, then the others oldest "
+        "first; what is left waits for the next interval, so under load routine usage is "
+        "coalesced into fewer scores instead of slowing consumption",
+    )
     align_max_wait_s: float = Field(
         default=10.0,
         gt=0,

@@ -195,6 +195,7 @@ def scored_event(
     time: str,
     features: AccountFeatures | None = None,
     unadopted: Sequence[str] = (),
+    values: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """The AccountScored event of ``score`` (numbered by ``state.scores``, then counted),
     with the features it was computed from for conditions downstream."""
@@ -207,9 +208,8 @@ def scored_event(
         "model_version": model_version,
     }
     if features is not None:
-        data["features"] = {
-            n: round(v, 6) for n, v in zip(features.names, features.values, strict=True)
-        }
+        rounded = values if values is not None else [round(v, 6) for v in features.values]
+        data["features"] = dict(zip(features.names, rounded, strict=True))
         data["unadopted_sticky_features"] = list(unadopted)
     return _event(
         "churnguard.scores.account_scored",
@@ -239,9 +239,12 @@ def score_signals(
     model_version: str,
     state: SignalState,
     time: str,
+    values: Sequence[float] | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
     """The score event (if worth emitting) and the signals of a new score, as
-    ``(topic kind, event)`` pairs with kind ``scores`` or ``signals``; updates ``state``."""
+    ``(topic kind, event)`` pairs with kind ``scores`` or ``signals``; updates ``state``.
+    ``values``: the features rounded to 6 digits as the score event carries them (computed
+    for a whole batch at once by the caller), else they are rounded here."""
     out: list[tuple[str, dict[str, Any]]] = []
     tier = next_tier(state.tier, score.churn_probability)
     previous_tier, previous_health = state.tier, state.health
@@ -251,7 +254,9 @@ def score_signals(
         out.append(
             (
                 "scores",
-                scored_event(account, score, model_version, state, time, features, unadopted),
+                scored_event(
+                    account, score, model_version, state, time, features, unadopted, values
+                ),
             )
         )
         state.probability = round(score.churn_probability, 6)
