@@ -319,16 +319,16 @@ class Dispatcher:
         async with self.sessions() as session, session.begin():
             repo = DeliveryRepository(session, self.instance)
             if isinstance(result, Sent):
-                await repo.finish_attempt(
-                    row.id, attempt, result.status, result.response, latency_ms
-                )
-                await repo.finish(row.id, result.status, result.detail)
-                await repo.add_outbox(
-                    [
-                        outcome_row(
-                            for_command(command, result.status, result.detail, result.decline_code)
-                        )
-                    ]
+                await repo.finish_sent(
+                    row.id,
+                    attempt,
+                    result.status,
+                    result.response,
+                    latency_ms,
+                    result.detail,
+                    outcome_row(
+                        for_command(command, result.status, result.detail, result.decline_code)
+                    ),
                 )
                 final: str = result.status
             elif isinstance(result, PermanentError) or attempt >= self.settings.max_attempts:

@@ -171,32 +171,73 @@ class DeliveryRepository:
 
     async def start_attempt(self, delivery_id: int, channel: str, lease_s: float) -> int | None:
         """Claim-before-send: the delivery is ``sending`` and the attempt row exists before
-        the provider is called. Returns the attempt number, or None if no longer ours."""
+        the provider is called. Returns the attempt number, or None if no longer ours.
+        One statement (a data-modifying CTE): this runs once per provider call."""
         statement = text(
             """
-            UPDATE deliveries SET state = 'sending', attempts = attempts + 1, in_doubt = false,
-                   locked_until = now() + make_interval(secs => :lease)
-            WHERE id = :id AND state = 'queued' AND locked_by = :me
-            RETURNING attempts
+            WITH d AS (
+                UPDATE deliveries SET state = 'sending', attempts = attempts + 1,
+                       in_doubt = false, locked_until = now() + make_interval(secs => :lease)
+                WHERE id = :id AND state = 'queued' AND locked_by = :me
+                RETURNING id, attempts
+            )
+            INSERT INTO delivery_attempts (delivery_id, attempt, channel, instance, status)
+            SELECT id, attempts, :channel, :me, 'sending' FROM d
+            RETURNING attempt
             """
         )
         attempt = (
             await self.session.execute(
-                statement, {"id": delivery_id, "me": self.instance, "lease": lease_s}
+                statement,
+                {"id": delivery_id, "me": self.instance, "lease": lease_s, "channel": channel},
             )
         ).scalar_one_or_none()
-        if attempt is None:
-            return None
-        await self.session.execute(
-            insert(delivery_attempts).values(
-                delivery_id=delivery_id,
-                attempt=attempt,
-                channel=channel,
-                instance=self.instance,
-                status="sending",
+        return None if attempt is None else int(attempt)
+
+    async def finish_sent(
+        self,
+        delivery_id: int,
+        attempt: int,
+        status: str,
+        response: str,
+        latency_ms: float,
+        detail: str | None,
+        outcome: OutboxRow,
+    ) -> None:
+        """Record a successful provider call: the attempt, the delivery and its outcome
+        in one statement (the common path: once per delivered command)."""
+        statement = text(
+            """
+            WITH a AS (
+                UPDATE delivery_attempts SET status = :status, provider_response = :response,
+                       latency_ms = :latency, finished_at = now()
+                WHERE delivery_id = :id AND attempt = :attempt
+            ), d AS (
+                UPDATE deliveries SET state = 'done', status = :status, detail = :detail,
+                       in_doubt = false, locked_by = NULL, locked_until = NULL,
+                       finished_at = now()
+                WHERE id = :id
             )
+            INSERT INTO outbox (dedupe_key, topic, dead_letter, key, value, headers)
+            VALUES (:dedupe_key, :topic, 0, :key, :value, '[]'::jsonb)
+            ON CONFLICT (dedupe_key) DO NOTHING
+            """
         )
-        return int(attempt)
+        await self.session.execute(
+            statement,
+            {
+                "id": delivery_id,
+                "attempt": attempt,
+                "status": status,
+                "response": response[:4000],
+                "latency": latency_ms,
+                "detail": detail[:2000] if detail else None,
+                "dedupe_key": outcome.dedupe_key,
+                "topic": outcome.topic,
+                "key": outcome.key,
+                "value": outcome.value,
+            },
+        )
 
     async def clear_in_doubt(self, delivery_id: int) -> None:
         await self.session.execute(
