@@ -43,8 +43,6 @@ from tests.fixtures.kafka import KafkaBroker
 from tests.fixtures.postgres import PgServer
 from tests.fixtures.services import service_env
 
-pytestmark = pytest.mark.integration
-
 SLACK_TOKEN = "xoxb-test-token"
 STRIPE_KEY = "sk_test_standin"
 INBOX_KEY = "test-inbox-key"
