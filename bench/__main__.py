@@ -14,6 +14,7 @@ BENCHMARKS = {
     "ingest": "bench.ingest",
     "features": "bench.features",
     "scoring": "bench.scoring",
+    "notify": "bench.notify",
 }
 
 

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings
 
 from churnguard.common.settings import PlatformSettings
 from churnguard.ingest.settings import IngestSettings
+from churnguard.notify.settings import NotifySettings
 from churnguard.scoring.settings import ScoringSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +32,10 @@ def env_names(settings: type[BaseSettings]) -> set[str]:
 
 
 KNOWN_VARIABLES = (
-    env_names(PlatformSettings) | env_names(IngestSettings) | env_names(ScoringSettings)
+    env_names(PlatformSettings)
+    | env_names(IngestSettings)
+    | env_names(ScoringSettings)
+    | env_names(NotifySettings)
 )
 
 

@@ -34,6 +34,9 @@ def stack_env() -> Iterator[dict[str, str]]:
             "CHURNGUARD_DEV_POSTGRES_PORT": str(free_port()),
             "CHURNGUARD_DEV_INGEST_PORT": str(free_port()),
             "CHURNGUARD_DEV_SCORING_PORT": str(free_port()),
+            "CHURNGUARD_DEV_NOTIFY_PORT": str(free_port()),
+            "CHURNGUARD_DEV_MAILBOX_PORT": str(free_port()),
+            "CHURNGUARD_DEV_SMTP_PORT": str(free_port()),
         }
     )
     yield env
@@ -57,13 +60,20 @@ def test_up_twice_status_down_leaves_nothing_behind(stack_env: dict[str, str]) -
     assert up.returncode == 0, up.stdout + up.stderr
     state = json.loads((Path(stack_env["CHURNGUARD_DEV_HOME"]) / "stack.json").read_text())
     pids = [state["supervisor_pid"]] + [c["pid"] for c in state["components"].values()]
-    assert set(state["components"]) == {"kafka", "postgres", "ingest", "scoring"}
+    assert set(state["components"]) == {
+        "kafka",
+        "postgres",
+        "ingest",
+        "scoring",
+        "mailbox",
+        "notify",
+    }
 
     status = cli(stack_env, "dev", "status")
     assert status.returncode == 0, status.stdout
-    for name in ("kafka", "postgres", "ingest", "scoring"):
+    for name in ("kafka", "postgres", "ingest", "scoring", "mailbox", "notify"):
         assert name in status.stdout
-    assert status.stdout.count("healthy") == 4
+    assert status.stdout.count("healthy") == 6
     assert f"127.0.0.1:{stack_env['CHURNGUARD_DEV_KAFKA_PORT']}" in status.stdout
 
     again = cli(stack_env, "dev", "up")

@@ -33,6 +33,7 @@ import httpx
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from churnguard.devstack import mailbox
 from churnguard.devstack.process import (
     ManagedProcess,
     StartupError,
@@ -56,6 +57,9 @@ class StackSettings(BaseSettings):
     postgres_port: int = 5433
     ingest_port: int = 8081
     scoring_port: int = 6066
+    notify_port: int = 8083
+    mailbox_port: int = Field(default=8025, description="The local mailbox's web page")
+    smtp_port: int = Field(default=1025, description="The local mailbox's SMTP catch-all")
     postgres_user: str | None = Field(
         default=None, description="OS user that runs PostgreSQL when started as root"
     )
@@ -93,9 +97,25 @@ class StackSettings(BaseSettings):
                 "CHURNGUARD_SCORING_DATA_DIR": str((self.home / "scoring").resolve()),
                 "CHURNGUARD_SCORING_REBALANCE_TIMEOUT_S": "5",
                 "CHURNGUARD_SCORING_SESSION_TIMEOUT_S": "6",
+                # notify delivers to the local mailbox: nothing leaves the machine
+                "CHURNGUARD_NOTIFY_HOST": self.host,
+                "CHURNGUARD_NOTIFY_PORT": str(self.notify_port),
+                "CHURNGUARD_NOTIFY_PUBLIC_URL": f"http://{self.host}:{self.notify_port}",
+                "CHURNGUARD_NOTIFY_SLACK_BOT_TOKEN": mailbox.SLACK_TOKEN,
+                "CHURNGUARD_NOTIFY_SLACK_API_URL": f"{self.mailbox_url}/slack/api/",
+                "CHURNGUARD_NOTIFY_SLACK_DEFAULT_CHANNEL": "#cs-alerts",
+                "CHURNGUARD_NOTIFY_SMTP_HOST": self.host,
+                "CHURNGUARD_NOTIFY_SMTP_PORT": str(self.smtp_port),
+                "CHURNGUARD_NOTIFY_SMTP_SECURITY": "none",
+                "CHURNGUARD_NOTIFY_STRIPE_API_KEY": mailbox.STRIPE_KEY,
+                "CHURNGUARD_NOTIFY_STRIPE_API_BASE": f"{self.mailbox_url}/stripe",
             }
         )
         return env
+
+    @property
+    def mailbox_url(self) -> str:
+        return f"http://{self.host}:{self.mailbox_port}"
 
 
 @dataclass
@@ -122,6 +142,23 @@ def services(settings: StackSettings) -> list[ServiceSpec]:
             settings.scoring_port,
             "/readyz",
         ),
+        ServiceSpec(
+            "mailbox",
+            [
+                py,
+                "-m",
+                "churnguard.devstack.mailbox",
+                "--home",
+                str(settings.home.resolve()),
+                "--http-port",
+                str(settings.mailbox_port),
+                "--smtp-port",
+                str(settings.smtp_port),
+            ],
+            settings.mailbox_port,
+            "/readyz",
+        ),
+        ServiceSpec("notify", [py, "-m", "churnguard.notify"], settings.notify_port, "/readyz"),
     ]
 
 
@@ -189,8 +226,11 @@ class Supervisor:
             [
                 f"  ingest API      http://{s.host}:{s.ingest_port}/docs",
                 f"  scoring         http://{s.host}:{s.scoring_port}/accounts/<id>",
+                f"  notify          http://{s.host}:{s.notify_port}/docs (inbox API)",
+                f"  mailbox         {s.mailbox_url} (the demo's emails, Slack messages, charges)",
                 f"  metrics         http://{s.host}:{s.ingest_port}/metrics, "
-                f"http://{s.host}:{s.scoring_port}/metrics",
+                f"http://{s.host}:{s.scoring_port}/metrics, "
+                f"http://{s.host}:{s.notify_port}/metrics",
                 f"  Kafka           {s.kafka_bootstrap}",
                 f"  PostgreSQL      postgresql://postgres@{s.host}:{s.postgres_port}/postgres",
                 f"  logs            {s.logs}/",
@@ -209,6 +249,9 @@ class Supervisor:
         ensure_port_free("PostgreSQL (CHURNGUARD_DEV_POSTGRES_PORT)", s.host, s.postgres_port)
         ensure_port_free("ingest (CHURNGUARD_DEV_INGEST_PORT)", s.host, s.ingest_port)
         ensure_port_free("scoring (CHURNGUARD_DEV_SCORING_PORT)", s.host, s.scoring_port)
+        ensure_port_free("notify (CHURNGUARD_DEV_NOTIFY_PORT)", s.host, s.notify_port)
+        ensure_port_free("mailbox (CHURNGUARD_DEV_MAILBOX_PORT)", s.host, s.mailbox_port)
+        ensure_port_free("mailbox SMTP (CHURNGUARD_DEV_SMTP_PORT)", s.host, s.smtp_port)
 
     def _start_kafka(self) -> None:
         from churnguard.devstack.tansu import TansuBroker
