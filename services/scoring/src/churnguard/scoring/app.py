@@ -443,16 +443,20 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
         rolled = engine.roll_days()
         if rolled:
             log.info("day rolled: %d accounts to re-score", rolled)
-        deadline = time.perf_counter() + settings.score_interval_s * settings.score_budget
+        # the budget counts time spent scoring, not the agent's turns in between
+        budget = settings.score_interval_s * settings.score_budget
+        started_at = time.perf_counter()
+        spent = 0.0
         while engine.pending_count() and not stopping():
             t0 = time.perf_counter()
             before = engine.pending_count()
             outputs = engine.score_pending(settings.score_batch)
             done = time.perf_counter()
+            spent += done - t0
             sm.SCORED.inc(before - engine.pending_count())
             sm.SCORE_BATCH_SECONDS.observe(done - t0)
             await send_outputs(outputs)
-            if done >= deadline:
+            if spent >= budget or done - started_at >= settings.score_interval_s:
                 break  # the rest waits: consuming must go on
             await asyncio.sleep(0)  # let the agent run between batches
         sm.ACCOUNTS.set(engine.accounts())

@@ -128,6 +128,8 @@ def covers(a: Progress, b: Progress) -> bool:
 @dataclass
 class PartitionState:
     records: dict[str, AccountRecord] = field(default_factory=dict)
+    members: dict[int, list[AccountRecord]] = field(default_factory=dict)
+    """Bucket → its records (so a persist touches the dirty buckets' records only)."""
     dirty: set[int] = field(default_factory=set)
     pending: dict[str, None] = field(default_factory=dict)
     """Accounts to score, oldest first (an account touched again keeps its place)."""
@@ -237,6 +239,7 @@ class ScoringEngine:
             record = records.get(account)
             if record is None:
                 record = records[account] = self._new_record(account)
+                ps.members.setdefault(record.bucket, []).append(record)
                 urgent[account] = None
             if origins is not None:
                 origin = origins[index]
@@ -383,12 +386,10 @@ class ScoringEngine:
         for partition, ps in self.partitions.items():
             if not ps.dirty:
                 continue
-            by_bucket: dict[int, list[AccountRecord]] = {b: [] for b in ps.dirty}
-            for record in ps.records.values():
-                if record.bucket in by_bucket:
-                    by_bucket[record.bucket].append(record)
+            dirty = sorted(ps.dirty)
             ps.dirty.clear()
-            for bucket, members in by_bucket.items():
+            for bucket in dirty:
+                members = ps.members.get(bucket, [])
                 progress = ps.progress
                 held = ps.restored.get(bucket)
                 if held is not None:
@@ -407,7 +408,12 @@ class ScoringEngine:
         n = 0
         progress, records = decode_bucket(blob, self.buckets)
         for record in records:
+            known = ps.records.get(record.account)
             ps.records[record.account] = record
+            bucket = ps.members.setdefault(record.bucket, [])
+            if known is not None:  # loaded twice: replace, do not add
+                bucket[:] = [r for r in bucket if r.account != record.account]
+            bucket.append(record)
             if record.signals.pending:
                 ps.pending[record.account] = None
             self.clock.observe(record.features.max_day)
