@@ -423,6 +423,8 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
 
     # -- time: scores in micro-batches, day roll-over, model reloads ------------------------
 
+    applied_at_last_tick = [0]
+
     @app.timer(interval=settings.score_interval_s)
     async def score() -> None:
         if app.rebalancing or stopping():
@@ -443,8 +445,11 @@ def create_app(settings: ScoringSettings | None = None) -> faust.App:
         rolled = engine.roll_days()
         if rolled:
             log.info("day rolled: %d accounts to re-score", rolled)
-        # the budget counts time spent scoring, not the agent's turns in between
-        budget = settings.score_interval_s * settings.score_budget
+        # the budget counts time spent scoring, not the agent's turns in between; with no
+        # event applied since the last tick there is nothing to make room for
+        consuming = engine.events_applied != applied_at_last_tick[0]
+        applied_at_last_tick[0] = engine.events_applied
+        budget = settings.score_interval_s * (settings.score_budget if consuming else 1.0)
         started_at = time.perf_counter()
         spent = 0.0
         while engine.pending_count() and not stopping():

@@ -65,7 +65,8 @@ class ScoringSettings(ServiceSettings):
         default=0.4,
         gt=0,
         le=1,
-        description="Share of each scoring interval spent scoring: accounts touched by "
+        description="Share of each scoring interval spent scoring while events are being "
+        "consumed (all of it when none are): accounts touched by "
         "billing, feedback or seats events (and new ones) go first, then the others oldest "
         "first; what is left waits for the next interval, so under load routine usage is "
         "coalesced into fewer scores instead of slowing consumption",
