@@ -294,6 +294,7 @@ class ConsumerLoop:
         producer: AIOKafkaProducer,
         breaker: DeadLetterBreaker,
         max_batch: int = 500,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.name = name
         self.topics = list(topics)
@@ -308,6 +309,10 @@ class ConsumerLoop:
 
         self.dead_letters = DeadLetters(name, send, breaker)
         self.max_batch = max_batch
+        self.before_commit = before_commit
+        """Awaited after a batch is processed and before its offsets are committed: where
+        a processor that stages side effects (an outbox of commands) sends them, so a
+        record's offset is committed only once what it caused is in Kafka."""
         self.consumer = AIOKafkaConsumer(
             *self.topics,
             bootstrap_servers=bootstrap,
@@ -357,8 +362,20 @@ class ConsumerLoop:
         finally:
             # commit what was fully handled, even when the breaker trips mid-batch
             if offsets:
+                if self.before_commit is not None:
+                    await self.before_commit()
                 await self.consumer.commit(offsets)
+                self._report_lag(offsets)
             metrics.CONSUMER_BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+
+    def _report_lag(self, offsets: dict[TopicPartition, int]) -> None:
+        """Records behind the partition's high watermark, as of the last fetch."""
+        for tp, position in offsets.items():
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None:
+                metrics.CONSUMER_LAG.labels(self.name, tp.topic, str(tp.partition)).set(
+                    max(highwater - position, 0)
+                )
 
     async def _process_one(self, record: ConsumerRecord) -> None:
         try:
