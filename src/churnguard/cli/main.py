@@ -45,6 +45,10 @@ def _register_service_commands() -> None:
 
     app.add_typer(keys, name="keys", help="Write keys of ingest's sources (hashed in PostgreSQL).")
 
+    from churnguard.playbooks.cli import playbooks
+
+    app.add_typer(playbooks, name="playbooks")
+
 
 _register_service_commands()
 
