@@ -257,6 +257,8 @@ async def test_expansion_is_suppressed_while_dunning(harness: Harness) -> None:
 async def test_schedule_trigger_renewal_in_90_days(harness: Harness) -> None:
     acct = "acct_renew"
     await account(harness, acct, days_to_renewal=120)
+    # another account renewing the same day has its own decision
+    await account(harness, "acct_renew_too", days_to_renewal=120, csm="U0CSMBEN")
     scored = T0 - timedelta(hours=2)
     due = scored + timedelta(days=30)
     (timer,) = await harness.rows("SELECT kind, due_at FROM timers WHERE account_id = :a", a=acct)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Response
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
@@ -150,7 +150,6 @@ def create_app(settings: PlaybooksSettings | None = None) -> FastAPI:
         title="churnguard playbooks",
         version="0.1.0",
         description="Decides what to do about each signal; every decision is logged.",
-        default_response_class=ORJSONResponse,
         lifespan=lifespan,
     )
 
@@ -171,8 +170,8 @@ def create_app(settings: PlaybooksSettings | None = None) -> FastAPI:
             if not loop.consumer.assignment():
                 problems.append(f"{loop.name}: no partitions assigned yet")
         if problems:
-            return ORJSONResponse({"status": "not ready", "problems": problems}, status_code=503)
-        return ORJSONResponse({"status": "ready"})
+            return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

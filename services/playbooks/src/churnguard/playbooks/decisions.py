@@ -1034,6 +1034,12 @@ class DecisionEngine:
                 "updated_at": datetime.now(UTC),
             },
         )
+        log.info(
+            "payment retry %d of invoice %s requested",
+            attempt,
+            case["invoice_id"],
+            extra={"case_id": case["case_id"], "command_id": command_id},
+        )
         result.commands += await repo.add_commands(
             [
                 payment_retry(
@@ -1092,7 +1098,7 @@ class DecisionEngine:
         renewal = account.profile.renewal_date
         if renewal is None or renewal.isoformat() != payload["renewal_date"]:
             return  # the renewal moved; the new date has its own timer
-        signal_id = f"schedule:{playbook.name}:{payload['renewal_date']}"
+        signal_id = f"schedule:{playbook.name}:{account.id}:{payload['renewal_date']}"
         if playbook.name in await account.repo.decided_playbooks(signal_id):
             result.duplicates += 1
             return

@@ -11,8 +11,9 @@ account's time zone:
    teams are back; fraud rules are stricter at weekends), or to the Friday before when
    Monday is past the dunning window.
 3. **Hour**: at ``local_hour`` (10:00 by default), after the overnight batch runs.
-4. **Window**: never after the window's end (the last weekday before it), and never
-   before the previous attempt or the moment of scheduling.
+4. **Window**: never after the window's end (the last weekday before it), never before
+   the moment of scheduling, and at least the schedule's spacing (up to a day) after
+   the previous attempt.
 
 Delays under a day (``4h`` after a processing error) are taken as they are: the point is
 to retry soon.
@@ -29,8 +30,9 @@ from zoneinfo import ZoneInfo
 from churnguard.common.events.billing import decline_kind
 from churnguard.playbooks.spec import DunningSpec, TimingSpec
 
-MIN_GAP = timedelta(hours=1)
-"""Two attempts on one invoice are at least this far apart."""
+MAX_GAP_FLOOR = timedelta(days=1)
+"""Two attempts on one invoice are at least as far apart as their delays in the schedule,
+up to a day (smart timing may move one onto the next's day otherwise)."""
 
 
 def _paydays(day: date, paydays: Sequence[int]) -> set[int]:
@@ -118,8 +120,12 @@ def attempt_time(
     now: datetime,
 ) -> datetime:
     """When retry number ``attempt`` (1-based) of a case goes."""
-    delay = policy.delays_for(case_decline_code)[attempt - 1]
-    floor = now if previous_attempt_at is None else max(now, previous_attempt_at + MIN_GAP)
+    delays = policy.delays_for(case_decline_code)
+    delay = delays[attempt - 1]
+    floor = now
+    if previous_attempt_at is not None:
+        spacing = delay - delays[attempt - 2] if attempt >= 2 else delay
+        floor = max(now, previous_attempt_at + min(spacing, MAX_GAP_FLOOR))
     return retry_time(
         failed_at, delay, tz=tz, timing=policy.timing, window=policy.window, not_before=floor
     )

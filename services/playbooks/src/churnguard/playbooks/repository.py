@@ -386,7 +386,9 @@ class PlaybooksRepository:
 
     async def pending_timers(self) -> list[Row]:
         rows = await self.conn.execute(
-            select(timers.c.kind, func.count(), func.min(timers.c.due_at))
+            select(
+                timers.c.kind, func.count().label("count"), func.min(timers.c.due_at).label("min")
+            )
             .where(timers.c.fired_at.is_(None), timers.c.cancelled_at.is_(None))
             .group_by(timers.c.kind)
         )
