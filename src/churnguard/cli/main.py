@@ -147,7 +147,10 @@ def _print_status(settings: object) -> bool:
 @dev.command("logs")
 def dev_logs(
     component: Annotated[
-        str, typer.Argument(help="kafka, postgres, ingest, scoring, mailbox, notify, supervisor")
+        str,
+        typer.Argument(
+            help="kafka, postgres, ingest, scoring, playbooks, mailbox, notify, supervisor"
+        ),
     ],
     lines: Annotated[int, typer.Option("--lines", "-n")] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
