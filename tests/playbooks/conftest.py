@@ -17,7 +17,7 @@ from churnguard.common.db import run_migrations_async
 from churnguard.common.topics import Topic
 from churnguard.playbooks.app import migrations_path
 from churnguard.playbooks.commands import Command
-from churnguard.playbooks.consumer import RecordProcessor
+from churnguard.playbooks.consumer import DECISION_TOPICS, STATE_TOPICS, RecordProcessor
 from churnguard.playbooks.decisions import DecisionEngine, Result
 from churnguard.playbooks.facts import LiftRanking
 from churnguard.playbooks.loader import PlaybookSet, load_dir
@@ -35,16 +35,24 @@ async def _keep_in_outbox(commands: Sequence[Command]) -> None:
 class Harness:
     pg: PgSchema
     decisions: DecisionEngine
-    processor: RecordProcessor
+    processors: dict[str, RecordProcessor]
     timers: TimerLoop
     playbooks: PlaybookSet
 
     async def feed(self, topic: Topic, *events: Any) -> Result:
-        """Each event in its own transaction, as a one-event record would be."""
+        """Each event in its own transaction, through each loop that reads ``topic``."""
         total = Result()
+        roles = [
+            r
+            for r, topics in (("decisions", DECISION_TOPICS), ("state", STATE_TOPICS))
+            if topic in topics
+        ]
         for event in events:
-            async with self.pg.engine.begin() as conn:
-                await self.processor.apply(PlaybooksRepository(conn), topic, event, None, total)
+            for role in roles:
+                async with self.pg.engine.begin() as conn:
+                    await self.processors[role].apply(
+                        PlaybooksRepository(conn), topic, event, None, total
+                    )
         return total
 
     async def signal(self, *events: Any) -> Result:
@@ -84,7 +92,10 @@ def make_harness(pg: PgSchema, directory: Path = SHIPPED_DIR, **settings: Any) -
     return Harness(
         pg,
         decisions,
-        RecordProcessor(pg.engine, decisions, ""),
+        {
+            role: RecordProcessor(pg.engine, decisions, "", role=role)
+            for role in ("decisions", "state")
+        },
         TimerLoop(pg.engine, decisions, _keep_in_outbox, 0.1),
         playbooks,
     )

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -295,6 +295,7 @@ class ConsumerLoop:
         breaker: DeadLetterBreaker,
         max_batch: int = 500,
         before_commit: Callable[[], Awaitable[None]] | None = None,
+        consumer_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.topics = list(topics)
@@ -321,6 +322,9 @@ class ConsumerLoop:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
+            # e.g. fetch_max_wait_ms: a broker that holds every fetch that long (Tansu
+            # does, whatever fetch_min_bytes says) adds it to a latency-bound consumer's lag
+            **(consumer_options or {}),
         )
         self._stopping = asyncio.Event()
 

@@ -28,11 +28,11 @@ from sqlalchemy import text
 
 from churnguard.common.db import create_engine, run_migrations_async
 from churnguard.common.kafka import ConsumerLoop, DeadLetterBreaker, make_producer
-from churnguard.playbooks.consumer import DECISION_TOPICS, STATE_TOPICS, RecordProcessor
+from churnguard.playbooks.consumer import DECISION_TOPICS, STATE_TOPICS, Batch, RecordProcessor
 from churnguard.playbooks.decisions import DecisionEngine
 from churnguard.playbooks.facts import LiftRanking
 from churnguard.playbooks.loader import load_dir
-from churnguard.playbooks.outbox import OutboxRelay, Staged
+from churnguard.playbooks.outbox import OutboxRelay
 from churnguard.playbooks.reloader import PlaybookReloader
 from churnguard.playbooks.repository import PlaybooksRepository
 from churnguard.playbooks.settings import PlaybooksSettings
@@ -90,23 +90,32 @@ def create_app(settings: PlaybooksSettings | None = None) -> FastAPI:
         await producer.start()
         relay = OutboxRelay(engine, producer, prefix, settings.outbox_sweep_interval_s)
         decisions = DecisionEngine(settings, reloader.get, LiftRanking.load(settings.lift_path))
-        processor = RecordProcessor(engine, decisions, prefix)
         loops = []
-        for suffix, topics in (("", DECISION_TOPICS), ("-state", STATE_TOPICS)):
-            staged = Staged(relay)
+        batches = []
+        for role, suffix, topics in (
+            ("decisions", "", DECISION_TOPICS),
+            ("state", "-state", STATE_TOPICS),
+        ):
+            processor = RecordProcessor(engine, decisions, prefix, role=role)
+            batch = Batch(engine, relay)
+            batches.append(batch)
             loops.append(
                 ConsumerLoop(
                     name=f"playbooks{suffix or '-decisions'}",
                     bootstrap=platform.kafka_bootstrap,
                     topics=[t.name_in(prefix) for t in topics],
                     group_id=settings.group_id + suffix,
-                    process=processor.processor(staged),
+                    process=processor.processor(batch),
                     dead_letter_topic=lambda name: name + ".dlq",
                     producer=producer,
                     breaker=DeadLetterBreaker(
                         platform.dead_letter_max_ratio, platform.dead_letter_window
                     ),
-                    before_commit=staged.flush,
+                    before_commit=batch.commit,
+                    consumer_options={"fetch_max_wait_ms": settings.fetch_max_wait_ms},
+                    # a batch is one transaction: its size bounds the wait of a signal that
+                    # arrives behind it, and 100 amortises the commit well enough
+                    max_batch=100,
                 )
             )
         timer_loop = TimerLoop(engine, decisions, relay.publish, settings.timer_interval_s)
@@ -143,6 +152,8 @@ def create_app(settings: PlaybooksSettings | None = None) -> FastAPI:
             relay.stop()
             reloader.stop()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+            for batch in batches:
+                await batch.close()
             await producer.stop()
             await engine.dispose()
 

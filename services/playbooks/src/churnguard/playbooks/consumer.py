@@ -1,4 +1,4 @@
-"""What each consumed record does: one PostgreSQL transaction per record.
+"""What each consumed record does, in one PostgreSQL transaction per fetched batch.
 
 Two consumer loops (:class:`~churnguard.common.kafka.ConsumerLoop`, two groups) share the
 work, so a flood of scores never delays a signal's decision:
@@ -9,11 +9,12 @@ work, so a flood of scores never delays a signal's decision:
 * **state** (``events.usage``, ``accounts.scores``, ``revenue.movements``): the account
   profile conditions read (traits and contacts, score and features, MRR).
 
-The order of a record's steps: decode (a bad record → the topic's dead-letter twin) →
-one transaction (profile writes, decision rows, timers, the contact ledger and the
-commands into the outbox) → commit → the loop's ``before_commit`` publishes the staged
-commands and waits for Kafka → the loop commits the offsets. A crash anywhere repeats
-work whose effects are keyed, so nothing is done twice.
+The order of the steps: each record is decoded (a bad one → the topic's dead-letter twin)
+and applied in the batch's transaction (profile writes, decision rows, timers, the
+contact ledger, the commands into the outbox; each account under its row lock); then the
+loop's ``before_commit`` commits the transaction, publishes the batch's commands and
+waits for Kafka; then the loop commits the offsets. A crash anywhere repeats work whose
+effects are keyed, so nothing is done twice.
 
 Usage records hold mostly feature-used events that playbooks ignore; records without a
 ``group`` or ``identify`` event are skipped without being parsed (scoring, which reads
@@ -28,7 +29,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final
 
 from aiokafka import ConsumerRecord
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from churnguard.common.events.billing import (
     InvoicePaid,
@@ -42,13 +43,16 @@ from churnguard.common.logs import bind_event
 from churnguard.common.topics import Topic
 from churnguard.playbooks import playbooks_metrics as pm
 from churnguard.playbooks.decisions import DecisionEngine, Result
-from churnguard.playbooks.outbox import Staged
+from churnguard.playbooks.outbox import OutboxRelay
 from churnguard.playbooks.repository import PlaybooksRepository
 
 log = logging.getLogger(__name__)
 
 DECISION_TOPICS: Final = (Topic.SIGNALS, Topic.OUTCOMES, Topic.BILLING)
-STATE_TOPICS: Final = (Topic.USAGE, Topic.SCORES, Topic.REVENUE_MOVEMENTS)
+STATE_TOPICS: Final = (Topic.USAGE, Topic.SCORES, Topic.REVENUE_MOVEMENTS, Topic.BILLING)
+"""Billing is read by both (two groups): paid invoices end dunning (decisions), subscription
+events set the account's status (state). Each loop writes only its own tables, so their
+batch transactions never wait for each other."""
 
 OWNER_TRAITS: Final = ("owner", "owner_id", "account_owner")
 CSM_TRAITS: Final = ("csm", "csm_id", "customer_success_manager")
@@ -68,40 +72,103 @@ def _received(record: ConsumerRecord) -> datetime | None:
     return datetime.fromtimestamp(record.timestamp / 1000, UTC) if record.timestamp else None
 
 
+class BatchFailed(RuntimeError):
+    """A record of the batch failed: the batch's transaction was rolled back."""
+
+
+class Batch:
+    """One transaction for the records of one fetched batch (one loop's), committed by the
+    loop's ``before_commit``: commit, then publish the batch's commands, then the loop
+    commits the offsets.
+
+    One commit per batch instead of per record: the disk flush of a commit costs more than
+    the decision itself, and under load a batch holds hundreds of records. Each record's
+    effects are keyed as before, so a batch redone after a crash changes nothing. If a
+    record fails, the whole batch is rolled back and the commit refused, so no offset is
+    committed for effects that were not; the loop stops and the restart redoes the batch.
+    """
+
+    def __init__(self, engine: AsyncEngine, relay: OutboxRelay) -> None:
+        self.engine = engine
+        self.relay = relay
+        self._conn: AsyncConnection | None = None
+        self._failed = False
+        self._result = Result()
+
+    async def connection(self) -> AsyncConnection:
+        if self._conn is None:
+            self._conn = await self.engine.connect()
+            await self._conn.begin()
+        return self._conn
+
+    def add(self, result: Result) -> None:
+        self._result.commands += result.commands
+        self._result.decisions += result.decisions
+        self._result.duplicates += result.duplicates
+
+    def fail(self) -> None:
+        self._failed = True
+
+    async def commit(self) -> None:
+        conn, result = self._conn, self._result
+        self._conn, self._result = None, Result()
+        if conn is not None:
+            try:
+                if self._failed:
+                    await conn.rollback()
+                    raise BatchFailed("a record failed: its batch was rolled back")
+                await conn.commit()
+            finally:
+                await conn.close()
+        for d in result.decisions:
+            pm.DECISIONS.labels(d.playbook, d.outcome, d.reason_class).inc()
+        if result.duplicates:
+            pm.REDELIVERED.inc(result.duplicates)
+        await self.relay.publish(result.commands)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+
 class RecordProcessor:
     """Processes records of every topic playbooks read (see the module docstring)."""
 
-    def __init__(self, engine: AsyncEngine, decisions: DecisionEngine, prefix: str) -> None:
+    def __init__(
+        self, engine: AsyncEngine, decisions: DecisionEngine, prefix: str, *, role: str
+    ) -> None:
+        if role not in ("decisions", "state"):
+            raise ValueError(f"role {role!r}: decisions or state")
         self.engine = engine
         self.decisions = decisions
+        self.role = role
         self.topic_of = {t.name_in(prefix): t for t in (*DECISION_TOPICS, *STATE_TOPICS)}
 
-    def processor(self, staged: Staged) -> Any:
+    def processor(self, batch: Batch) -> Any:
         async def process(record: ConsumerRecord) -> int:
-            return await self.process(record, staged)
+            return await self.process(record, batch)
 
         return process
 
-    async def process(self, record: ConsumerRecord, staged: Staged) -> int:
+    async def process(self, record: ConsumerRecord, batch: Batch) -> int:
         topic = self.topic_of[record.topic]
         if topic is Topic.USAGE and (
             record.value is None or not any(m in record.value for m in _PROFILE_MARKERS)
         ):
             return 0
         events = topic.codec.decode(record.value)  # InvalidEnvelope → dead letter
-        result = Result()
         received = _received(record)
-        async with self.engine.begin() as conn:
-            repo = PlaybooksRepository(conn)
+        repo = PlaybooksRepository(await batch.connection())
+        result = Result()
+        try:
             for event in events:
                 with bind_event(event.id, event.subject):
                     await self.apply(repo, topic, event, received, result)
-        # committed: the decisions are durable and their commands in the outbox
-        for d in result.decisions:
-            pm.DECISIONS.labels(d.playbook, d.outcome, d.reason_class).inc()
-        if result.duplicates:
-            pm.REDELIVERED.inc(result.duplicates)
-        staged.add(result.commands)
+        except BaseException:
+            batch.fail()
+            raise
+        batch.add(result)
         return len(events)
 
     async def apply(
@@ -131,65 +198,60 @@ class RecordProcessor:
             await self._score(repo, event)
         elif topic is Topic.REVENUE_MOVEMENTS:
             assert isinstance(event, RevenueMovement)
-            await repo.upsert_account(
-                event.subject,
-                {
-                    "mrr": event.data.mrr_after,
-                    "currency": event.data.currency,
-                    "mrr_at": event.time,
-                },
-                newer_than=("mrr_at", event.time),
+            await repo.apply_revenue(
+                event.subject, event.data.mrr_after, event.data.currency, event.time
             )
 
     async def _billing(self, repo: PlaybooksRepository, event: Any) -> None:
         if isinstance(event, InvoicePaid):
-            await self.decisions.on_invoice_paid(
-                repo, event.subject, event.data.invoice_id, event.time
-            )
-        elif isinstance(event, SubscriptionCreated | SubscriptionUpdated | SubscriptionCancelled):
-            await repo.upsert_account(
+            if self.role == "decisions":
+                await self.decisions.on_invoice_paid(
+                    repo, event.subject, event.data.invoice_id, event.time
+                )
+        elif self.role == "state" and isinstance(
+            event, SubscriptionCreated | SubscriptionUpdated | SubscriptionCancelled
+        ):
+            await repo.apply_subscription(
                 event.subject,
-                {
-                    "subscription_status": event.data.status,
-                    "subscription_at": event.time,
-                    "currency": event.data.currency,
-                },
-                newer_than=("subscription_at", event.time),
+                event.data.status,
+                event.data.currency,
+                event.time,
+                started=isinstance(event, SubscriptionCreated),
             )
-            if isinstance(event, SubscriptionCreated):
-                await repo.set_subscription_start(event.subject, event.time)
 
     async def _usage(self, repo: PlaybooksRepository, event: Any) -> None:
         if isinstance(event, Group):
             traits = event.data.traits
-            values = {
-                "name": traits.get("name") if isinstance(traits.get("name"), str) else None,
-                "plan": traits.get("plan") if isinstance(traits.get("plan"), str) else None,
-                "segment": traits.get("segment")
-                if isinstance(traits.get("segment"), str)
-                else None,
-                "owner": _trait(traits, OWNER_TRAITS),
-                "csm": _trait(traits, CSM_TRAITS),
-                "timezone": _trait(traits, TIMEZONE_TRAITS),
-            }
-            # a group call names only what it knows: never erase a trait it left out
-            known = {k: v for k, v in values.items() if v is not None}
-            known["traits_at"] = event.time
-            await repo.upsert_account(event.subject, known, newer_than=("traits_at", event.time))
-            await repo.upsert_contact(event.subject, event.data.user_id, {}, event.time)
-        elif isinstance(event, Identify):
-            traits = event.data.traits
-            email = traits.get("email")
-            role = traits.get("role")
-            await repo.upsert_contact(
+            await repo.apply_group(
                 event.subject,
-                event.data.user_id,
                 {
-                    "email": email if isinstance(email, str) and "@" in email else None,
-                    "role": role if isinstance(role, str) else None,
+                    "name": _trait(traits, ("name",)),
+                    "plan": _trait(traits, ("plan",)),
+                    "segment": _trait(traits, ("segment",)),
+                    "owner": _trait(traits, OWNER_TRAITS),
+                    "csm": _trait(traits, CSM_TRAITS),
                     "timezone": _trait(traits, TIMEZONE_TRAITS),
                 },
                 event.time,
+            )
+            await repo.upsert_contact(
+                event.subject,
+                event.data.user_id,
+                email=None,
+                role=None,
+                timezone=None,
+                seen_at=event.time,
+            )
+        elif isinstance(event, Identify):
+            traits = event.data.traits
+            email = traits.get("email")
+            await repo.upsert_contact(
+                event.subject,
+                event.data.user_id,
+                email=email if isinstance(email, str) and "@" in email else None,
+                role=_trait(traits, ("role",)),
+                timezone=_trait(traits, TIMEZONE_TRAITS),
+                seen_at=event.time,
             )
 
     async def _score(self, repo: PlaybooksRepository, event: AccountScored) -> None:
@@ -199,20 +261,21 @@ class RecordProcessor:
         days_to_renewal = features.get("days_to_renewal", -1)
         if days_to_renewal >= 0:
             renewal = event.time.date() + timedelta(days=int(days_to_renewal))
-        values: dict[str, Any] = {
-            "churn_probability": data.churn_probability,
-            "health": data.health,
-            "tier": data.tier,
-            "reasons": [r.model_dump(mode="json") for r in data.reasons],
-            "scored_at": event.time,
-        }
-        if data.features is not None:
-            values["features"] = data.features
-        if data.unadopted_sticky_features is not None:
-            values["unadopted_sticky"] = list(data.unadopted_sticky_features)
-        if renewal is not None:
-            values["renewal_date"] = renewal
-        await repo.upsert_account(event.subject, values, newer_than=("scored_at", event.time))
+        await repo.apply_score(
+            event.subject,
+            {
+                "churn_probability": data.churn_probability,
+                "health": data.health,
+                "tier": data.tier,
+                "reasons": [r.model_dump(mode="json") for r in data.reasons],
+                "features": data.features,
+                "unadopted": None
+                if data.unadopted_sticky_features is None
+                else list(data.unadopted_sticky_features),
+                "renewal_date": renewal,
+            },
+            event.time,
+        )
         if renewal is not None:
             await self.decisions.schedule_renewals(
                 repo, event.subject, renewal, event.time, int(days_to_renewal)

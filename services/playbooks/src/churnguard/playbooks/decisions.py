@@ -71,7 +71,7 @@ from churnguard.playbooks.guardrails import (
     zone_or,
 )
 from churnguard.playbooks.loader import PlaybookSet
-from churnguard.playbooks.repository import PlaybooksRepository, Row
+from churnguard.playbooks.repository import AccountState, PlaybooksRepository, Row, Writes
 from churnguard.playbooks.settings import PlaybooksSettings
 from churnguard.playbooks.spec import (
     DunningMessageSpec,
@@ -167,23 +167,68 @@ class MessageJob:
 
 
 class Account:
-    """The account a boundary decides about: its locked row, profile and contacts."""
+    """The account a boundary decides about: its locked state, profile, and the effects
+    the boundary has decided so far (written in one statement by :meth:`flush`)."""
 
-    def __init__(self, repo: PlaybooksRepository, row: Row, in_dunning: bool, tz: ZoneInfo) -> None:
+    def __init__(self, repo: PlaybooksRepository, state: AccountState, tz: ZoneInfo) -> None:
         self.repo = repo
-        self.row = row
-        self.profile = AccountProfile.from_row(row, in_dunning=in_dunning)
+        self.state = state
+        self.profile = AccountProfile.from_row(state.row, in_dunning=state.in_dunning)
         self.tz = tz
-        self._contacts: list[Contact] | None = None
+        self.writes = Writes()
 
     @property
     def id(self) -> str:
         return self.profile.account_id
 
     async def contacts(self) -> list[Contact]:
-        if self._contacts is None:
-            self._contacts = await self.repo.contacts(self.id)
-        return self._contacts
+        return self.state.contacts
+
+    def last_fired(self, playbook: str) -> datetime | None:
+        return self.state.cooldowns.get(playbook)
+
+    def fired(self, playbook: str, at: datetime) -> None:
+        last = self.state.cooldowns.get(playbook)
+        self.state.cooldowns[playbook] = at if last is None else max(last, at)
+        self.writes.cooldowns[(self.id, playbook)] = self.state.cooldowns[playbook]
+
+    def claim_dedupe(self, playbook: str, key: str, decision: str) -> bool:
+        if (playbook, key) in self.state.dedupe:
+            return False
+        self.state.dedupe.add((playbook, key))
+        self.writes.dedupe.append(
+            {"playbook": playbook, "account_id": self.id, "key": key, "decision_id": decision}
+        )
+        return True
+
+    def add_timer(
+        self, *, dedupe_key: str, kind: str, due_at: datetime, payload: Mapping[str, Any]
+    ) -> None:
+        self.writes.timers.append(
+            {
+                "dedupe_key": dedupe_key,
+                "kind": kind,
+                "account_id": self.id,
+                "due_at": due_at,
+                "payload": dict(payload),
+            }
+        )
+
+    async def cancel_timers(
+        self, *, case_id: str, kinds: tuple[str, ...] = (), reason: str, at: datetime
+    ) -> None:
+        """Cancel the case's timers, recorded ones and ones this boundary added."""
+        await self.repo.cancel_timers(self.id, case_id=case_id, kinds=kinds, reason=reason, at=at)
+        self.writes.timers = [
+            t
+            for t in self.writes.timers
+            if not (t["payload"].get("case_id") == case_id and (not kinds or t["kind"] in kinds))
+        ]
+
+    async def flush(self) -> int:
+        """Write the boundary's effects; how many decisions were new."""
+        writes, self.writes = self.writes, Writes()
+        return await self.repo.flush(writes)
 
 
 def dump_policy(policy: DunningSpec) -> dict[str, Any]:
@@ -227,12 +272,17 @@ class DecisionEngine:
 
     # -- accounts -----------------------------------------------------------------------
 
-    async def _account(self, repo: PlaybooksRepository, account_id: str) -> Account:
-        row = await repo.lock_account(account_id)
-        tz_name = row["timezone"] or await repo.admin_timezone(account_id)
-        return Account(
-            repo, row, await repo.has_open_case(account_id), zone_or(tz_name, self.default_tz)
+    async def _account(
+        self, repo: PlaybooksRepository, account_id: str, at: datetime, signal_id: str = ""
+    ) -> Account:
+        state = await repo.load_account(
+            account_id,
+            signal_id=signal_id,
+            at=at,
+            windows={audience: budget.window for audience, budget in self.budgets.items()},
         )
+        tz_name = state.row["timezone"] or state.contact_timezone
+        return Account(repo, state, zone_or(tz_name, self.default_tz))
 
     def _facts(self, account: Account, at: datetime, signal: CloudEvent | None) -> dict[str, Any]:
         return build_facts(
@@ -248,9 +298,8 @@ class DecisionEngine:
         playbooks = self.playbooks().for_signal(signal_name(signal))
         if not playbooks:
             return result
-        account = await self._account(repo, signal.subject)
-        done = await repo.decided_playbooks(signal.id)
-        todo = [p for p in playbooks if p.name not in done]
+        account = await self._account(repo, signal.subject, signal.time, signal.id)
+        todo = [p for p in playbooks if p.name not in account.state.decided]
         result.duplicates = len(playbooks) - len(todo)
         if not todo:
             return result
@@ -267,7 +316,16 @@ class DecisionEngine:
                 result,
                 received_at,
             )
+        await self._flush(account, result)
         return result
+
+    async def _flush(self, account: Account, result: Result) -> None:
+        expected = len(account.writes.decisions)
+        result.commands += account.writes.commands
+        if await account.flush() != expected:
+            # the row lock and the decided check make this impossible unless two writers
+            # bypass the lock; never let a second decision's effects commit
+            raise RuntimeError(f"decisions of account {account.id} exist already")
 
     async def _decide(
         self,
@@ -281,7 +339,6 @@ class DecisionEngine:
         result: Result,
         received_at: datetime | None = None,
     ) -> None:
-        repo = account.repo
         did = decision_id(signal_id, playbook.name)
         spec = playbook.spec
         detail: dict[str, Any] = {
@@ -299,7 +356,7 @@ class DecisionEngine:
             elif in_holdout(playbook.name, account.id, spec.holdout_percent):
                 outcome, holdout = "suppressed", True
                 reason = f"holdout: in the {spec.holdout_percent:g}% held out of {playbook.name}"
-                await repo.set_fired(account.id, playbook.name, at)
+                account.fired(playbook.name, at)
                 statuses = [
                     (i, _channel(a), _audience(a), ActionStatus("held_out"))
                     for i, a in enumerate(playbook.actions)
@@ -310,8 +367,8 @@ class DecisionEngine:
                 )
                 outcome, reason = _outcome(statuses)
                 if outcome == "fired":
-                    await repo.set_fired(account.id, playbook.name, at)
-        inserted = await repo.insert_decision(
+                    account.fired(playbook.name, at)
+        account.writes.decisions.append(
             {
                 "decision_id": did,
                 "signal_id": signal_id,
@@ -326,12 +383,8 @@ class DecisionEngine:
                 "detail": detail,
             }
         )
-        if not inserted:
-            # the row lock and the check above make this impossible unless two writers
-            # bypass the lock; never let a second decision's effects commit
-            raise RuntimeError(f"decision {did} exists already: a concurrent decision")
         now = datetime.now(UTC)
-        await repo.upsert_actions(
+        account.writes.actions.extend(
             [
                 {
                     "decision_id": did,
@@ -365,15 +418,15 @@ class DecisionEngine:
         facts: Mapping[str, Any],
         detail: dict[str, Any],
     ) -> str | None:
-        spec, repo = playbook.spec, account.repo
+        spec = playbook.spec
         if spec.dedupe_by:
             values = {name: facts.get(name) for name in spec.dedupe_by}
             key = json.dumps([values[name] for name in spec.dedupe_by], default=str)
             detail["dedupe_key"] = values
-            if not await repo.claim_dedupe(playbook.name, account.id, key, did):
+            if not account.claim_dedupe(playbook.name, key, did):
                 shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
                 return f"dedupe: already decided for {shown}"
-        last = await repo.last_fired(account.id, playbook.name)
+        last = account.last_fired(playbook.name)
         if cooling_down(last, at, spec.cooldown):
             assert last is not None
             return (
@@ -431,10 +484,9 @@ class DecisionEngine:
             )
             if action.delay > timedelta(0):
                 due = at + action.delay
-                await account.repo.add_timer(
+                account.add_timer(
                     dedupe_key=f"{job.id_base}.delay",
                     kind="message",
-                    account_id=account.id,
                     due_at=due,
                     payload=job.payload(quiet_checked=False),
                 )
@@ -497,7 +549,7 @@ class DecisionEngine:
         *,
         quiet_checked: bool,
     ) -> ActionStatus:
-        action, repo = job.action, account.repo
+        action = job.action
         if not job.condition.holds(facts):
             return ActionStatus("skipped", "if: " + job.condition.explain_failure(facts))
         recipients = resolve_recipients(
@@ -520,10 +572,9 @@ class DecisionEngine:
         ):
             until = self.quiet.deferral(at, account.tz)
             if until is not None:
-                await repo.add_timer(
+                account.add_timer(
                     dedupe_key=f"{job.id_base}.quiet",
                     kind="message",
-                    account_id=account.id,
                     due_at=until,
                     payload=job.payload(quiet_checked=True),
                 )
@@ -535,14 +586,15 @@ class DecisionEngine:
         audience = action.effective_audience
         budget = self.budgets[audience]
         if not action.transactional:
-            used = await repo.touches(account.id, audience, budget.window_start(at), at)
+            used = account.state.touches[audience]
             if not budget.allows(used):
                 return ActionStatus(
                     "suppressed",
                     f"budget: {used} {audience} touches in {format_duration(budget.window)} "
                     f"(limit {budget.limit})",
                 )
-        await repo.add_touch(
+        account.state.touches[audience] += 1
+        account.writes.touches.append(
             {
                 "touch_id": job.touch_id,
                 "account_id": account.id,
@@ -569,7 +621,7 @@ class DecisionEngine:
             )
             for r, recipient in enumerate(recipients)
         ]
-        result.commands += await repo.add_commands(commands)
+        account.writes.commands += commands
         return ActionStatus("sent", None, tuple(c.command_id for c in commands))
 
     # -- dunning ------------------------------------------------------------------------
@@ -624,10 +676,9 @@ class DecisionEngine:
         await repo.insert_case(case_row)
         case_row["priority"] = playbook.spec.priority
         if hard:
-            await repo.add_timer(
+            account.add_timer(
                 dedupe_key=f"{did}.final",
                 kind="dunning_final",
-                account_id=account.id,
                 due_at=at + policy.window,
                 payload={"case_id": did},
             )
@@ -639,10 +690,9 @@ class DecisionEngine:
                 f"hard decline ({data.decline_code}): never retried; card update requested",
             )
         first = await self._schedule_retry(account, case_row, policy, 1, at)
-        await repo.add_timer(
+        account.add_timer(
             dedupe_key=f"{did}.final",
             kind="dunning_final",
-            account_id=account.id,
             due_at=at + policy.window + FINAL_TIMER_GRACE,
             payload={"case_id": did},
         )
@@ -682,10 +732,9 @@ class DecisionEngine:
             previous_attempt_at=case.get("last_attempt_at"),
             now=now,
         )
-        await account.repo.add_timer(
+        account.add_timer(
             dedupe_key=f"{case['case_id']}.retry.{attempt}",
             kind="dunning_retry",
-            account_id=account.id,
             due_at=when,
             payload={"case_id": case["case_id"], "attempt": attempt},
         )
@@ -770,8 +819,7 @@ class DecisionEngine:
     ) -> None:
         repo = account.repo
         policy = DunningSpec.model_validate(case["policy"])
-        await repo.cancel_timers(
-            account.id,
+        await account.cancel_timers(
             case_id=case["case_id"],
             kinds=("dunning_retry",),
             reason="hard decline: never retried",
@@ -801,7 +849,7 @@ class DecisionEngine:
     ) -> None:
         repo = account.repo
         policy = DunningSpec.model_validate(case["policy"])
-        await repo.cancel_timers(account.id, case_id=case["case_id"], reason=why, at=at)
+        await account.cancel_timers(case_id=case["case_id"], reason=why, at=at)
         await repo.update_case(
             case["case_id"],
             {
@@ -882,11 +930,17 @@ class DecisionEngine:
         if attempt is None:
             log.warning("outcome of an unknown payment retry %s", data.action_id)
             return
-        account = await self._account(repo, outcome.subject)
-        if not await repo.set_attempt_outcome(
+        account = await self._account(repo, outcome.subject, outcome.time)
+        if await repo.set_attempt_outcome(
             data.action_id, data.status, data.decline_code, outcome.time
         ):
-            return
+            await self._retry_step(account, outcome, attempt, result)
+            await self._flush(account, result)
+
+    async def _retry_step(
+        self, account: Account, outcome: ActionOutcome, attempt: Row, result: Result
+    ) -> None:
+        repo, data = account.repo, outcome.data
         case = await repo.case(attempt["case_id"])
         if case is None or case["status"] != "retrying":
             return
@@ -907,9 +961,7 @@ class DecisionEngine:
     async def _recovered(
         self, account: Account, case: Mapping[str, Any], at: datetime, why: str
     ) -> None:
-        await account.repo.cancel_timers(
-            account.id, case_id=case["case_id"], reason=f"recovered: {why}", at=at
-        )
+        await account.cancel_timers(case_id=case["case_id"], reason=f"recovered: {why}", at=at)
         await account.repo.update_case(
             case["case_id"],
             {
@@ -933,15 +985,16 @@ class DecisionEngine:
         await repo.mark_paid(account_id, invoice_id, at)
         case = await repo.case_for_invoice(account_id, invoice_id)
         if case is not None and case["status"] in OPEN_DUNNING:
-            account = await self._account(repo, account_id)
+            account = await self._account(repo, account_id, at)
             await self._recovered(account, case, at, "invoice paid")
+            await account.flush()
 
     # -- timers -------------------------------------------------------------------------
 
     async def fire_timer(self, repo: PlaybooksRepository, timer: Row) -> Result:
         result = Result()
         payload, due = timer["payload"], timer["due_at"]
-        account = await self._account(repo, timer["account_id"])
+        account = await self._account(repo, timer["account_id"], due)
         kind = timer["kind"]
         if kind == "message":
             await self._fire_message(account, payload, due, result)
@@ -955,6 +1008,7 @@ class DecisionEngine:
             await self._fire_schedule(account, payload, due, result)
         else:
             log.error("unknown timer kind %s (timer %s)", kind, timer["timer_id"])
+        await self._flush(account, result)
         return result
 
     async def _fire_message(
@@ -992,7 +1046,7 @@ class DecisionEngine:
                 account, job, facts, due, result, quiet_checked=payload["quiet_checked"]
             )
         if payload["action_index"] is not None:
-            await account.repo.upsert_actions(
+            account.writes.actions.extend(
                 [
                     {
                         "decision_id": payload["decision_id"],
@@ -1040,7 +1094,7 @@ class DecisionEngine:
             case["invoice_id"],
             extra={"case_id": case["case_id"], "command_id": command_id},
         )
-        result.commands += await repo.add_commands(
+        account.writes.commands.extend(
             [
                 payment_retry(
                     command_id=command_id,

@@ -69,6 +69,13 @@ class PlaybooksSettings(ServiceSettings):
         description="Retention lift of the sticky features (churnguard playbooks lift), which "
         "orders the in-app guides",
     )
+    fetch_max_wait_ms: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Longest a fetch may wait for records: bounds the signal-to-command "
+        "latency on brokers that hold fetches that long (Tansu)",
+    )
     timer_interval_s: float = Field(
         default=0.5, gt=0, description="How often due timers are looked for"
     )

@@ -1,11 +1,12 @@
 """The timer loop: delayed and deferred messages, dunning retries, schedules.
 
 Timers are rows in PostgreSQL, so they survive any restart. The loop looks for due ones
-every ``timer_interval_s``; each fires in its own transaction that locks the timer
-(``FOR UPDATE SKIP LOCKED``: two replicas never fire one twice), takes the account's
-lock, records everything the firing causes (commands into the outbox included) and
-marks it fired, all or nothing. A crash before the commit leaves the timer pending and
-it fires again with the same command ids; after the commit the outbox owns the rest.
+every ``timer_interval_s`` and fires them account by account, in a transaction that takes
+the account's lock, then its due timers (``FOR UPDATE SKIP LOCKED``: two replicas never
+fire one twice), records everything the firings cause (commands into the outbox
+included) and marks them fired, all or nothing. A crash before the commit leaves the
+timers pending and they fire again with the same command ids; after the commit the
+outbox owns the rest.
 """
 
 from __future__ import annotations
@@ -45,29 +46,38 @@ class TimerLoop:
         self.fired = 0
 
     async def fire_due(self, now: datetime | None = None) -> int:
-        """Fire the timers due at ``now`` (default: the wall clock); how many fired."""
+        """Fire the timers due at ``now`` (default: the wall clock); how many fired.
+
+        One transaction per account: its lock, then its due timers (``SKIP LOCKED``), their
+        effects, marked fired, one commit. Holding one account's lock at a time, the loop
+        can wait for a consumer's batch but never be part of a lock cycle with it.
+        """
         now = now or datetime.now(UTC)
         async with self.engine.connect() as conn:
-            due = await PlaybooksRepository(conn).due_timers(now, BATCH)
+            accounts = await PlaybooksRepository(conn).accounts_with_due_timers(now, BATCH)
         fired = 0
-        for item in due:
+        for account_id in accounts:
+            result = Result()
             async with self.engine.begin() as conn:
                 repo = PlaybooksRepository(conn)
-                timer = await repo.claim_timer(item["timer_id"])
-                if timer is None:
-                    continue  # another replica has it, or it was cancelled meanwhile
-                with bind_event(f"timer-{timer['timer_id']}", timer["account_id"]):
-                    result: Result = await self.decisions.fire_timer(repo, timer)
-                await repo.finish_timer(timer["timer_id"], datetime.now(UTC))
-            fired += 1
-            kind = timer["kind"]
-            pm.TIMERS_FIRED.labels(kind).inc()
-            pm.TIMER_LAG.labels(kind).observe(
-                max((datetime.now(UTC) - timer["due_at"]).total_seconds(), 0.0)
-            )
+                await repo.lock(account_id)
+                due = await repo.claim_due_timers(account_id, now)
+                for timer in due:
+                    with bind_event(f"timer-{timer['timer_id']}", account_id):
+                        effects = await self.decisions.fire_timer(repo, timer)
+                    result.commands += effects.commands
+                    result.decisions += effects.decisions
+                await repo.finish_timers([t["timer_id"] for t in due], datetime.now(UTC))
+            fired_at = datetime.now(UTC)
+            for timer in due:
+                pm.TIMERS_FIRED.labels(timer["kind"]).inc()
+                pm.TIMER_LAG.labels(timer["kind"]).observe(
+                    max((fired_at - timer["due_at"]).total_seconds(), 0.0)
+                )
             for d in result.decisions:
                 pm.DECISIONS.labels(d.playbook, d.outcome, d.reason_class).inc()
             await self.publish(result.commands)
+            fired += len(due)
         self.fired += fired
         return fired
 
@@ -91,7 +101,7 @@ class TimerLoop:
             if loop.time() - reported > 5:
                 await self.report()
                 reported = loop.time()
-            if fired < BATCH:
+            if not fired:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.interval_s)
 
