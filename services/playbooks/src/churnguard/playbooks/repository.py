@@ -125,8 +125,10 @@ _FLUSH: Final = text(
     WITH
     d AS (
       INSERT INTO decisions (decision_id, signal_id, signal_type, playbook, playbook_version,
-                             account_id, decided_at, outcome, reason, holdout, detail)
-      SELECT * FROM jsonb_to_recordset(CAST(:decisions AS jsonb)) AS r(
+                             account_id, decided_at, outcome, reason, holdout, detail,
+                             created_at)
+      -- the moment it was taken, not its batch transaction's start (now())
+      SELECT *, clock_timestamp() FROM jsonb_to_recordset(CAST(:decisions AS jsonb)) AS r(
         decision_id text, signal_id text, signal_type text, playbook text,
         playbook_version text, account_id text, decided_at timestamptz, outcome text,
         reason text, holdout boolean, detail jsonb)
