@@ -60,6 +60,7 @@ from churnguard.devstack.postgres import EmbeddedPostgres
 from churnguard.devstack.process import ManagedProcess, free_port, wait_until
 from churnguard.devstack.stack import http_ready
 from churnguard.devstack.tansu import TansuBroker
+from churnguard.playbooks.commands import decision_id
 
 REPO = Path(__file__).resolve().parents[1]
 ACCOUNTS = 2_000
@@ -267,6 +268,7 @@ async def _latency(bootstrap: str, prefix: str, signals: list[Any]) -> list[floa
     await producer.start()
     sent: dict[str, float] = {}
     got: dict[str, float] = {}
+    by_decision = {decision_id(s.id, "high-risk-enterprise"): s.id for s in signals}
     await consumer.getmany(timeout_ms=1000)  # assigned and positioned at the end
 
     async def read() -> None:
@@ -275,7 +277,7 @@ async def _latency(bootstrap: str, prefix: str, signals: list[Any]) -> list[floa
                 now = time.perf_counter()
                 for record in batch:
                     (command,) = Topic.NOTIFICATIONS.codec.decode(record.value)
-                    sid = command.data.variables.get("signal_id")
+                    sid = by_decision.get(command.data.decision_id)
                     if sid in sent and sid not in got:
                         got[sid] = now
             if time.monotonic() > hard_stop:

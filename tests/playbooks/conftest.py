@@ -69,14 +69,16 @@ class Harness:
         async with self.pg.engine.connect() as conn:
             return [dict(r) for r in (await conn.execute(text(sql), params)).mappings()]
 
-    async def commands(self, account: str | None = None) -> list[Any]:
-        """The commands in the outbox (decoded events), oldest first."""
+    async def commands(self, account: str | None = None, topic: Topic | None = None) -> list[Any]:
+        """The commands in the outbox (decoded events), oldest first: those for notify, or
+        those of ``topic`` (``Topic.DECISIONS``: the decision log's events)."""
         rows = await self.rows(
             "SELECT topic, value FROM outbox WHERE (CAST(:a AS text) IS NULL OR account_id = :a) "
             "ORDER BY created_at, command_id",
             a=account,
         )
-        return [Topic[r["topic"]].codec.decode(r["value"])[0] for r in rows]
+        wanted = {topic.name} if topic else {Topic.NOTIFICATIONS.name, Topic.PAYMENT_RETRIES.name}
+        return [Topic[r["topic"]].codec.decode(r["value"])[0] for r in rows if r["topic"] in wanted]
 
     async def decisions_of(self, account: str) -> list[dict[str, Any]]:
         return await self.rows(

@@ -62,7 +62,7 @@ def test_a_notification_is_a_valid_event_with_the_decision_in_it() -> None:
         account_id="acct_1",
         at=datetime(2026, 3, 1, tzinfo=UTC),
         channel="slack",
-        template="csm_risk_alert",
+        template="risk_alert",
         recipient="#cs",
         playbook="p",
         decision="dec_x",

@@ -84,11 +84,20 @@ async def test_high_risk_enterprise_alerts_the_csm_with_reasons_and_a_link(
     assert command.type == "churnguard.actions.notification_requested"
     assert command.id == f"{decision_id(f'sig-{acct}-tier-0', 'high-risk-enterprise')}.0.0"
     data = command.data
-    assert (data.channel, data.recipient, data.template) == ("slack", "U0CSMANA", "csm_risk_alert")
-    assert data.variables["reasons"][0]["description"] == "Active users fell 46% in 7 days"
-    assert data.variables["console_link"] == f"http://127.0.0.1:8080/accounts/{acct}"
-    assert data.variables["from_tier"] == "watch"
-    assert data.variables["tier"] == "critical"
+    assert (data.channel, data.recipient, data.template) == ("slack", "U0CSMANA", "risk_alert")
+    # exactly the variables notify's risk_alert takes: it refuses any other
+    assert data.variables == {
+        "account_name": f"{acct} Inc",
+        "arr": 72_000_00,
+        "currency": "usd",
+        "health": 40,
+        "previous_health": 70,
+        "tier": "critical",
+        "previous_tier": "watch",
+        "reasons": [r.model_dump(mode="json") for r in b.REASONS],
+        "console_url": f"http://127.0.0.1:8080/accounts/{acct}",
+        "owner": "U0CSMANA",
+    }
     assert data.priority == 80
 
 
@@ -116,12 +125,16 @@ async def test_a_redelivered_signal_yields_nothing_new(harness: Harness) -> None
     signal = b.tier_crossed(acct, T0, to="critical")
     first = await harness.signal(signal)
     again = await harness.signal(signal)
-    assert len(first.commands) == 1
+    # the Slack alert and the decision's event for playbooks.decisions
+    assert [c.topic for c in first.commands] == [Topic.NOTIFICATIONS, Topic.DECISIONS]
     assert again.commands == []
     assert again.decisions == []
     assert again.duplicates == 1
-    assert len(await harness.rows("SELECT * FROM outbox")) == 1
+    assert len(await harness.rows("SELECT * FROM outbox")) == 2
     assert len(await harness.decisions_of(acct)) == 1
+    (logged,) = await harness.commands(acct, Topic.DECISIONS)
+    did = decision_id(signal.id, "high-risk-enterprise")
+    assert (logged.id, logged.data.status, logged.data.commands) == (did, "fired", [f"{did}.0.0"])
 
 
 async def test_cooldown_per_account_and_playbook(harness: Harness) -> None:
@@ -183,6 +196,12 @@ async def test_holdout_accounts_are_logged_not_contacted(harness: Harness) -> No
     )
     assert actions == [{"status": "held_out"}]
     assert await harness.commands(acct) == []
+    (logged,) = await harness.commands(acct, Topic.DECISIONS)
+    assert (logged.data.status, logged.data.reason, logged.data.holdout) == (
+        "suppressed",
+        "holdout",
+        True,
+    )
 
 
 async def test_quiet_hours_defer_email_to_the_morning_in_the_accounts_zone(migrated: Any) -> None:
@@ -314,9 +333,7 @@ async def test_dunning_retries_a_soft_decline_until_it_runs_out(harness: Harness
     await harness.signal(b.payment_failed(acct, T0))
     (case,) = await harness.rows("SELECT * FROM dunning_cases")
     assert case["status"] == "retrying"
-    notice = [
-        c for c in await messages(harness, acct) if c.data.template == "dunning_payment_failed"
-    ]
+    notice = [c for c in await messages(harness, acct) if ".notice." in c.id]
     assert [c.data.recipient for c in notice] == [f"admin@{acct}.test"]
     for attempt in range(1, 5):
         (case,) = await harness.rows("SELECT next_attempt_at FROM dunning_cases")
@@ -371,7 +388,9 @@ async def test_a_hard_decline_is_never_retried(harness: Harness) -> None:
     assert await harness.fire_until(T0 + timedelta(days=13)) == 0
     assert await retries(harness, acct) == []
     (email,) = await harness.commands(acct)
-    assert (email.data.channel, email.data.template) == ("email", "dunning_card_update")
+    assert (email.data.channel, email.data.template) == ("email", "payment_failed")
+    assert "next_retry_at" not in email.data.variables  # a hard decline is never retried
+    assert email.data.variables["update_payment_url"] == "http://127.0.0.1:8080/billing"
     await harness.fire_until(T0 + timedelta(days=15))
     (case,) = await harness.rows("SELECT status FROM dunning_cases")
     assert case["status"] == "cancel"
@@ -389,8 +408,8 @@ async def test_a_hard_decline_on_a_retry_stops_the_schedule(harness: Harness) ->
     )
     await harness.fire_until(T0 + timedelta(days=13))
     assert len(await retries(harness, acct)) == 1
-    templates = [c.data.template for c in await messages(harness, acct)]
-    assert templates == ["dunning_payment_failed", "dunning_card_update"]
+    sent = [(c.id.split(".")[1], c.data.template) for c in await messages(harness, acct)]
+    assert sent == [("notice", "payment_failed"), ("card", "payment_failed")]
 
 
 async def test_a_second_failure_of_the_same_invoice_is_the_same_dunning(harness: Harness) -> None:

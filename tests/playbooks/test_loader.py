@@ -25,9 +25,9 @@ actions:
   - type: slack
     to: csm
     fallback: "#cs-alerts"
-    template: csm_risk_alert
+    template: risk_alert
     variables:
-      from_tier: $signal.from_tier
+      previous_tier: $signal.from_tier
 cooldown: 7d
 """
 
@@ -89,17 +89,23 @@ def test_a_good_folder_loads(tmp_path: Path) -> None:
             "bad.yaml:5: conditions[0].tier.gt: operator 'gt' does not apply to tier",
         ),
         (
-            GOOD.replace("csm_risk_alert", "csm_risk_alrt"),
-            "bad.yaml:10: actions[0].template: unknown template 'csm_risk_alrt' "
-            "(did you mean 'csm_risk_alert'?)",
+            GOOD.replace("risk_alert", "risk_alrt"),
+            "bad.yaml:10: actions[0].template: unknown template 'risk_alrt' "
+            "(did you mean 'risk_alert'?)",
         ),
         (
-            GOOD.replace("      from_tier: $signal.from_tier\n", "      x: 1\n"),
-            "bad.yaml:11: actions[0].variables: template 'csm_risk_alert' needs from_tier",
+            GOOD.replace("previous_tier: $signal", "from_tier: $signal"),
+            "bad.yaml:12: actions[0].variables.from_tier: template 'risk_alert' takes no "
+            "variable 'from_tier'",
+        ),
+        (
+            GOOD.replace("type: slack", "type: email").replace("to: csm", "to: admins"),
+            "bad.yaml:10: actions[0].template: template 'risk_alert' is for slack, csm_task, "
+            "webhook, not email",
         ),
         (
             GOOD.replace("$signal.from_tier", "$signal.from_teir"),
-            "bad.yaml:12: actions[0].variables.from_tier: unknown field 'signal.from_teir'",
+            "bad.yaml:12: actions[0].variables.previous_tier: unknown field 'signal.from_teir'",
         ),
         (GOOD.replace("cooldown: 7d", "cooldown: 7"), "bad.yaml:13: cooldown: a duration is a"),
         (
@@ -133,7 +139,7 @@ def test_every_error_of_every_file_is_reported_at_once(tmp_path: Path) -> None:
     folder = folder_with(
         tmp_path,
         **{
-            "a.yaml": GOOD.replace("csm_risk_alert", "nope"),
+            "a.yaml": GOOD.replace("risk_alert", "nope"),
             "b.yaml": GOOD.replace("name: good", "name: other")
             .replace("teir", "x")
             .replace("signal: risk_tier_crossed", "signal: nope"),
@@ -171,23 +177,34 @@ def test_templates_yaml_extends_the_catalogue(tmp_path: Path) -> None:
     folder = folder_with(
         tmp_path,
         **{
-            "good.yaml": GOOD.replace("csm_risk_alert", "our_alert").replace(
-                "      from_tier: $signal.from_tier\n", "      x: 1\n"
+            "good.yaml": GOOD.replace("risk_alert", "our_alert").replace(
+                "      previous_tier: $signal.from_tier\n", "      coupon_code: SAVE20\n"
             ),
             "templates.yaml": (
-                "templates:\n  our_alert:\n    channels: [slack]\n    variables: [x]\n"
+                "templates:\n  our_alert:\n    channels: [slack]\n"
+                "    variables: [account_name, coupon_code]\n"
             ),
         },
     )
     (playbook,) = load_dir(folder).playbooks
     assert playbook.actions[0].template == "our_alert"  # type: ignore[union-attr]
+    # without the coupon code the template cannot be rendered: the validator says so
+    (folder / "good.yaml").write_text(
+        GOOD.replace("risk_alert", "our_alert").replace(
+            "    variables:\n      previous_tier: $signal.from_tier\n", ""
+        )
+    )
+    assert errors_of(folder) == [
+        f"{folder}/good.yaml:10: actions[0].template: template 'our_alert' needs coupon_code; "
+        "set them under variables (e.g. feature: $guide_feature)"
+    ]
 
 
 def test_cli_validate_lists_errors_and_fails(tmp_path: Path) -> None:
     folder = folder_with(
         tmp_path, **{"bad.yaml": GOOD.replace("teir", "x").replace("tier: {in", "teir: {in")}
     )
-    result = CliRunner().invoke(app, ["playbooks", "validate", str(folder)])
+    result = CliRunner().invoke(app, ["playbooks", "validate", str(folder)], terminal_width=400)
     assert result.exit_code == 1
     assert (
         f"{folder}/bad.yaml:5: conditions[0].teir: unknown field 'teir'"

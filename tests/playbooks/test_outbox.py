@@ -31,12 +31,14 @@ async def test_unsent_commands_are_swept_with_their_ids(
     )
     recorded = {c.id for c in await harness.commands()}  # committed, never published
     assert len(recorded) == 3
+    logged = {c.id for c in await harness.commands(topic=Topic.DECISIONS)}
+    assert len(logged) == 2
 
     producer = make_producer(kafka.bootstrap, client_id="test", idempotent=kafka.idempotent)
     await producer.start()
     try:
         relay = OutboxRelay(migrated.engine, producer, kafka_topics, sweep_interval_s=1)
-        assert await relay.sweep(grace=timedelta(0)) == 3
+        assert await relay.sweep(grace=timedelta(0)) == 5
         assert await relay.sweep(grace=timedelta(0)) == 0
     finally:
         await producer.stop()
@@ -44,5 +46,7 @@ async def test_unsent_commands_are_swept_with_their_ids(
     records = await read_topic(kafka.bootstrap, topic, 3)
     assert {Topic.NOTIFICATIONS.codec.decode(r.value)[0].id for r in records} == recorded
     assert {r.key for r in records} == {acct.encode()}
+    decisions = await read_topic(kafka.bootstrap, Topic.DECISIONS.name_in(kafka_topics), 2)
+    assert {Topic.DECISIONS.codec.decode(r.value)[0].id for r in decisions} == logged
     unsent = await harness.rows("SELECT command_id FROM outbox WHERE sent_at IS NULL")
     assert unsent == []

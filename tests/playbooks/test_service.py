@@ -132,9 +132,9 @@ async def test_shipped_playbooks_over_a_simulated_stream(
     assert got == stream.expected
     assert len({c.id for c in notifications}) == len(notifications)
     guides = {
-        c.subject: c.data.variables["feature"]
+        c.subject: c.data.variables["features"][0]
         for c in notifications
-        if c.data.template == "sticky_feature_guide"
+        if c.data.template == "usage_drop_check_in"
     }
     assert guides == {
         a: f for a, f in stream.guides.items() if not in_holdout("onboarding-usage-drop", a, 10)
@@ -155,6 +155,15 @@ async def test_shipped_playbooks_over_a_simulated_stream(
     assert {(r["account_id"], r["playbook"]) for r in held} == stream.held_out
     assert stream.held_out  # the stream has held-out accounts, and none was contacted
     assert not {(a, p) for a, p, _, _ in got} & stream.held_out
+    # the decision log goes out too: every decision that passed its conditions, once
+    matched = await count(
+        pg_schema, "SELECT count(*) FROM decisions WHERE outcome <> 'not_matched'"
+    )
+    logged = await commands(kafka, kafka_topics, Topic.DECISIONS, matched)
+    assert len({e.id for e in logged}) == matched
+    assert {(e.subject, e.data.playbook) for e in logged if e.data.reason == "holdout"} == (
+        stream.held_out
+    )
 
     # dunning: soft declines wait for their first retry, hard ones never get one
     pending = await rows(
@@ -278,7 +287,7 @@ actions:
     max_attempts: 4
     window: 1m
     card_update:
-      template: dunning_card_update
+      template: payment_failed
     final_state: downgrade
 """
 

@@ -214,52 +214,67 @@ RECIPIENTS: Final[Mapping[str, str]] = {
 """Recipient keywords of ``to:``; any other value is a literal (a Slack channel such as
 ``#cs-alerts``, an email address, a webhook name, a CSM queue)."""
 
-STANDARD_VARIABLES: Final = frozenset(
-    {
-        "account_id",
-        "account_name",
-        "plan",
-        "segment",
-        "tier",
-        "health",
-        "churn_probability",
-        "reasons",
-        "arr",
-        "mrr",
-        "currency",
-        "csm",
-        "owner",
-        "console_link",
-        "playbook",
-        "signal_type",
-        "signal_id",
-        "signal",
-    }
-)
-"""Variables every notification carries (``signal`` holds the signal's data)."""
+MESSAGE_VARIABLES: Final[Mapping[str, str]] = {
+    "account_id": "the account id",
+    "account_name": "name from traits (else the id)",
+    "plan": "plan from traits",
+    "segment": "segment from traits",
+    "arr": "ARR in the currency's minor unit (notify's convention for money)",
+    "mrr": "MRR in the currency's minor unit",
+    "currency": "ISO 4217, lower case",
+    "health": "health 0-100",
+    "previous_health": "health before a tier crossing",
+    "tier": "risk tier",
+    "previous_tier": "tier before a tier crossing",
+    "churn_probability": "churn probability 0-1",
+    "reasons": "top reasons: code, description, impact",
+    "console_url": "the account in the console (CHURNGUARD_PLAYBOOKS_CONSOLE_URL)",
+    "owner": "the account's CSM (notify shows it as the owner of the alert)",
+    "csm_name": "the account's CSM",
+    "account_owner": "the account owner (traits owner)",
+    "days_to_renewal": "days to the renewal",
+    "score": "the NPS answer (detractor_nps)",
+    "comment": "the NPS comment (detractor_nps)",
+    "user_name": "who answered (detractor_nps)",
+    "features": "unadopted sticky features, the highest retention lift first",
+    "feature": "the unadopted sticky feature with the highest retention lift",
+    "help_url": "help for that feature (CHURNGUARD_PLAYBOOKS_HELP_URL/<feature>)",
+    "expansion_reason": "why the account looks ready to buy more (expansion_signal)",
+    "seats_utilisation": "seats used / bought (expansion_signal)",
+    "milestone": "which milestone (milestone_reached)",
+    "milestone_value": "the value reached (milestone_reached)",
+    "playbook": "the playbook that decided",
+    "signal_type": "the trigger",
+    "signal_id": "the trigger's id",
+}
+"""Variables playbooks fills in for a message (those its template declares, when known)."""
 
-DUNNING_VARIABLES: Final = frozenset(
-    {
-        "invoice_id",
-        "amount",
-        "currency",
-        "decline_code",
-        "attempts",
-        "next_attempt_at",
-        "final_state",
-    }
-)
-"""Variables the dunning action gives its messages, besides the standard ones."""
+DUNNING_VARIABLES: Final[Mapping[str, str]] = {
+    "invoice_id": "the failed invoice",
+    "amount": "the amount due, minor units",
+    "decline_code": "the issuer's decline code",
+    "attempts": "retries made",
+    "next_retry_at": "when the next retry goes (a notice)",
+    "update_payment_url": "where the customer updates the card (_UPDATE_PAYMENT_URL)",
+    "final_state": "cancel, downgrade or keep_flagged",
+}
+"""Variables the dunning action adds for its messages."""
 
 
 @dataclass(frozen=True)
 class Template:
-    """A message template notify renders: which channels it suits, what it needs."""
+    """A message template notify renders: its channels, the variables it needs and the
+    ones it also takes (notify refuses any other, so commands carry only these)."""
 
     name: str
     channels: tuple[str, ...]
     variables: frozenset[str]
+    optional: frozenset[str] = frozenset()
     description: str = ""
+
+    @property
+    def accepted(self) -> frozenset[str]:
+        return self.variables | self.optional
 
 
 TemplateCatalogue = Mapping[str, Template]

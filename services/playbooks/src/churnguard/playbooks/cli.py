@@ -40,7 +40,8 @@ def validate(
     except PlaybookSetInvalid as exc:
         err = Console(stderr=True, highlight=False)
         for error in exc.errors:
-            err.print(f"[red]error[/red] {escape(str(error))}")
+            # one line per error, never wrapped: editors and grep read file:line
+            err.print(f"[red]error[/red] {escape(str(error))}", soft_wrap=True)
         err.print(f"{len(exc.errors)} error(s) in {escape(str(folder))}")
         raise typer.Exit(1) from None
     table = Table("playbook", "trigger", "priority", "cool-down", "holdout", "actions", "file")

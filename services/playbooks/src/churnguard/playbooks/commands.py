@@ -20,6 +20,8 @@ from datetime import datetime
 from typing import Any, Final
 
 from churnguard.common.events.derived import (
+    DecisionLogged,
+    DecisionLoggedData,
     NotificationRequested,
     NotificationRequestedData,
     PaymentRetryRequested,
@@ -169,3 +171,53 @@ def payment_retry(
     return Command(
         command_id, Topic.PAYMENT_RETRIES, account_id, event.to_json(), decision, received_at
     )
+
+
+SUPPRESSION_REASONS: Final = {
+    "cooldown": "cooldown",
+    "budget": "contact_budget",
+    "holdout": "holdout",
+    "dedupe": "duplicate",
+    "dunning": "dunning",
+    "quiet_hours": "quiet_hours",
+}
+"""The decision log's reason classes as ``DecisionLogged`` names them."""
+
+
+def decision_logged(
+    *,
+    decision: str,
+    account_id: str,
+    at: datetime,
+    playbook: str,
+    trigger_type: str,
+    trigger_id: str,
+    outcome: str,
+    reason_class: str,
+    reason: str | None,
+    holdout: bool,
+    commands: Sequence[str],
+    priority: int,
+) -> Command:
+    """The decision for ``playbooks.decisions`` (its id is the decision's: published once)."""
+    status = outcome if outcome in ("fired", "suppressed", "failed") else "failed"
+    why = None if status == "fired" else SUPPRESSION_REASONS.get(reason_class, "other")
+    event = DecisionLogged(
+        id=decision,
+        source=SOURCE,
+        time=at,
+        subject=account_id,
+        data=DecisionLoggedData(
+            decision_id=decision,
+            playbook=playbook,
+            trigger_type=trigger_type,
+            trigger_id=trigger_id,
+            status=status,
+            reason=why,
+            detail=None if reason is None else reason[:2000],
+            holdout=holdout,
+            commands=list(commands)[:50] if status == "fired" else [],
+            priority=priority,
+        ),
+    )
+    return Command(decision, Topic.DECISIONS, account_id, event.to_json(), decision, None)

@@ -41,6 +41,9 @@ from churnguard.common.events.billing import decline_kind
 from churnguard.common.events.derived import (
     ActionOutcome,
     DetractorNps,
+    DetractorNpsData,
+    ExpansionSignalData,
+    MilestoneReachedData,
     PaymentFailedSignal,
     RiskTierCrossed,
     SignalEvent,
@@ -51,6 +54,7 @@ from churnguard.playbooks.commands import (
     Command,
     Contact,
     decision_id,
+    decision_logged,
     notification,
     payment_retry,
     resolve_recipients,
@@ -269,6 +273,8 @@ class DecisionEngine:
         self.quiet_channels = settings.quiet_channel_set
         self.default_tz = settings.default_timezone
         self.console_url = settings.console_url.rstrip("/")
+        self.help_url = settings.help_url.rstrip("/")
+        self.update_payment_url = settings.update_payment_url
 
     # -- accounts -----------------------------------------------------------------------
 
@@ -347,6 +353,7 @@ class DecisionEngine:
         holdout = False
         statuses: list[tuple[int, str, str, ActionStatus]] = []
         outcome, reason = "fired", None
+        before = len(account.writes.commands)
         if not playbook.conditions.holds(facts):
             outcome, reason = "not_matched", playbook.conditions.explain_failure(facts)
         else:
@@ -400,7 +407,26 @@ class DecisionEngine:
                 for i, channel, audience, s in statuses
             ]
         )
-        result.decisions.append(DecisionSummary(playbook.name, outcome, reason))
+        summary = DecisionSummary(playbook.name, outcome, reason)
+        result.decisions.append(summary)
+        if outcome != "not_matched":
+            # the console's view of the decision log: what fired and what was held back
+            account.writes.commands.append(
+                decision_logged(
+                    decision=did,
+                    account_id=account.id,
+                    at=at,
+                    playbook=playbook.name,
+                    trigger_type=signal.type if signal is not None else signal_type,
+                    trigger_id=signal_id,
+                    outcome=outcome,
+                    reason_class=summary.reason_class,
+                    reason=reason,
+                    holdout=holdout,
+                    commands=[c.command_id for c in account.writes.commands[before:]],
+                    priority=spec.priority,
+                )
+            )
         log.info(
             "decision %s %s%s",
             playbook.name,
@@ -469,11 +495,9 @@ class DecisionEngine:
                 action=action,
                 condition=playbook.action_conditions[i],
                 variables=self._variables(
-                    account,
-                    playbook.name,
+                    action.template,
+                    self._pool(account, playbook.name, facts, signal, signal_type),
                     facts,
-                    signal,
-                    signal_type,
                     action.variables,
                     playbook.variable_refs[i] if playbook.variable_refs else {},
                 ),
@@ -500,41 +524,75 @@ class DecisionEngine:
 
     # -- messages -----------------------------------------------------------------------
 
-    def _variables(
+    def _pool(
         self,
         account: Account,
         playbook: str,
         facts: Mapping[str, Any],
         signal: CloudEvent | None,
         signal_type: str,
-        action_variables: Mapping[str, Any],
-        refs: Mapping[str, str],
     ) -> dict[str, Any]:
+        """What playbooks can tell a message about the account (catalogue.MESSAGE_VARIABLES);
+        money in the currency's minor unit, as notify takes it."""
         profile = account.profile
         if isinstance(signal, RiskTierCrossed) and signal.data.reasons:
             reasons = [r.model_dump(mode="json") for r in signal.data.reasons]
         else:
             reasons = list(profile.reasons)
-        out: dict[str, Any] = {
+        unadopted = facts.get("unadopted_sticky_features") or []
+        guide = facts.get("guide_feature")
+        health, renewal = facts.get("health"), facts.get("days_to_renewal")
+        pool: dict[str, Any] = {
             "account_id": account.id,
             "account_name": profile.name or account.id,
             "plan": profile.plan,
             "segment": profile.segment,
+            "arr": _cents(facts.get("arr")),
+            "mrr": _cents(facts.get("mrr")),
+            "currency": profile.currency,
+            "health": None if health is None else round(health),
             "tier": facts.get("tier"),
-            "health": facts.get("health"),
             "churn_probability": facts.get("churn_probability"),
             "reasons": reasons,
-            "arr": facts.get("arr"),
-            "mrr": facts.get("mrr"),
-            "currency": profile.currency,
-            "csm": profile.csm,
-            "owner": profile.owner,
-            "console_link": f"{self.console_url}/accounts/{quote(account.id, safe='')}",
+            "console_url": f"{self.console_url}/accounts/{quote(account.id, safe='')}",
+            "owner": profile.csm,
+            "csm_name": profile.csm,
+            "account_owner": profile.owner,
+            "days_to_renewal": None if renewal is None or renewal < 0 else round(renewal),
+            "features": self.lift.ordered(unadopted) or None,
+            "feature": guide,
+            "help_url": f"{self.help_url}/{quote(guide)}" if guide else self.help_url,
             "playbook": playbook,
             "signal_type": signal_type,
             "signal_id": None if signal is None else signal.id,
-            "signal": {} if signal is None else signal.data.model_dump(mode="json"),
         }
+        data = None if signal is None else signal.data
+        if isinstance(signal, RiskTierCrossed):
+            pool["previous_health"] = signal.data.previous_health
+            pool["previous_tier"] = signal.data.from_tier
+        elif isinstance(data, DetractorNpsData):
+            pool.update({"score": data.score, "comment": data.comment})
+        elif isinstance(data, ExpansionSignalData):
+            pool.update(
+                {"expansion_reason": data.reason, "seats_utilisation": data.seats_utilisation}
+            )
+        elif isinstance(data, MilestoneReachedData):
+            pool.update({"milestone": data.milestone, "milestone_value": data.value})
+        return pool
+
+    def _variables(
+        self,
+        template: str,
+        pool: Mapping[str, Any],
+        facts: Mapping[str, Any],
+        action_variables: Mapping[str, Any],
+        refs: Mapping[str, str],
+    ) -> dict[str, Any]:
+        """The template's variables, no more (notify refuses unknown ones): the known ones
+        of the pool, then the action's own (literals, or ``$field`` facts)."""
+        spec = self.playbooks().templates.get(template)
+        accepted = spec.accepted if spec is not None else frozenset(pool)
+        out = {k: pool[k] for k in accepted if pool.get(k) is not None}
         for name, value in action_variables.items():
             out[name] = facts.get(refs[name]) if name in refs else value
         return out
@@ -769,16 +827,9 @@ class DecisionEngine:
                 transactional=True,
             )
         )
-        variables = self._variables(
-            account,
-            case["playbook"],
-            self._facts(account, at, None),
-            None,
-            "payment_failed",
-            {},
-            {},
-        )
-        variables.update(
+        facts = self._facts(account, at, None)
+        pool = self._pool(account, case["playbook"], facts, None, "payment_failed")
+        pool.update(
             {
                 "signal_id": signal_id,
                 "invoice_id": case["invoice_id"],
@@ -786,10 +837,12 @@ class DecisionEngine:
                 "currency": case["currency"],
                 "decline_code": case["decline_code"],
                 "attempts": case.get("attempts", 0),
-                "next_attempt_at": None if next_attempt_at is None else next_attempt_at.isoformat(),
+                "next_retry_at": None if next_attempt_at is None else next_attempt_at.isoformat(),
+                "update_payment_url": self.update_payment_url,
                 "final_state": final_state,
             }
         )
+        variables = self._variables(spec.template, pool, facts, {}, {})
         job = MessageJob(
             playbook=case["playbook"],
             playbook_version="",
@@ -1161,6 +1214,10 @@ class DecisionEngine:
 
 
 _NEEDS_CONTACTS: Final = frozenset({"admins", "contacts", "respondent"})
+
+
+def _cents(units: float | None) -> int | None:
+    return None if units is None or units < 0 else round(units * 100)
 
 
 def _respondent(signal: CloudEvent | None) -> str | None:

@@ -104,6 +104,11 @@ class LiftRanking:
         ranked = sorted(raw["features"], key=lambda f: -float(f["lift"]))
         return cls(tuple(str(f["feature"]) for f in ranked))
 
+    def ordered(self, features: Sequence[str]) -> list[str]:
+        """``features`` by lift, best first; unranked ones after, in their order."""
+        rank = {name: i for i, name in enumerate(self.features)}
+        return sorted(features, key=lambda f: (rank.get(f, len(rank)), features.index(f)))
+
     def best(self, unadopted: Sequence[str]) -> str | None:
         """The unadopted feature with the highest lift; unranked ones after, in their order."""
         if not unadopted:

@@ -26,9 +26,9 @@ from churnguard.playbooks import catalogue
 from churnguard.playbooks.catalogue import (
     CHANNELS,
     DUNNING_VARIABLES,
+    MESSAGE_VARIABLES,
     RECIPIENTS,
     SIGNALS,
-    STANDARD_VARIABLES,
     Template,
     TemplateCatalogue,
     fields_for,
@@ -358,15 +358,21 @@ class _FileChecker:
                     f"template {template_name!r} is for {', '.join(template.channels)}, "
                     f"not {channel}",
                 )
-            provided = (
-                STANDARD_VARIABLES | set(variables) | (DUNNING_VARIABLES if dunning else set())
-            )
-            missing = sorted(template.variables - provided)
+            filled = set(MESSAGE_VARIABLES) | (set(DUNNING_VARIABLES) if dunning else set())
+            missing = sorted(template.variables - filled - set(variables))
             if missing:
+                # at the action's variables if it has some, else at its template
+                at = (*loc, "variables")
                 self.error(
-                    (*loc, "variables"),
+                    at if at in self.located.lines else (*loc, "template"),
                     f"template {template_name!r} needs {', '.join(missing)}; "
                     "set them under variables (e.g. feature: $guide_feature)",
+                )
+            for name in sorted(set(variables) - template.accepted):
+                self.error(
+                    (*loc, "variables", name),
+                    f"template {template_name!r} takes no variable {name!r} (it takes "
+                    f"{', '.join(sorted(template.accepted))})",
                 )
         self._recipient((*loc, "to"), channel, message.to)
         if message.fallback is not None:
@@ -421,7 +427,7 @@ def _load_templates(path: Path, display: str, into: dict[str, Template]) -> list
                 PlaybookError(display, located.line_of(loc), format_loc(loc), "a mapping")
             )
             continue
-        unknown = set(spec) - {"channels", "variables", "description"}
+        unknown = set(spec) - {"channels", "variables", "optional", "description"}
         for key in sorted(unknown):
             errors.append(
                 PlaybookError(
@@ -443,19 +449,26 @@ def _load_templates(path: Path, display: str, into: dict[str, Template]) -> list
                 )
             )
             continue
-        variables = spec.get("variables", [])
-        if not isinstance(variables, list) or not all(isinstance(v, str) for v in variables):
-            errors.append(
-                PlaybookError(
-                    display,
-                    located.line_of((*loc, "variables")),
-                    format_loc((*loc, "variables")),
-                    "a list of variable names",
+        names: dict[str, list[str]] = {}
+        for key in ("variables", "optional"):
+            value = spec.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                errors.append(
+                    PlaybookError(
+                        display,
+                        located.line_of((*loc, key)),
+                        format_loc((*loc, key)),
+                        "a list of variable names",
+                    )
                 )
-            )
-            continue
+                value = []
+            names[key] = value
         into[name] = Template(
-            name, tuple(channels), frozenset(variables), str(spec.get("description", ""))
+            name,
+            tuple(channels),
+            frozenset(names["variables"]),
+            frozenset(names["optional"]),
+            str(spec.get("description", "")),
         )
     return errors
 

@@ -37,6 +37,14 @@ class PlaybooksSettings(ServiceSettings):
         default="http://127.0.0.1:8080",
         description="Base URL of the console; commands link to <console_url>/accounts/<id>",
     )
+    help_url: str = Field(
+        default="http://127.0.0.1:8080/help",
+        description="Base of the product's help pages; a guide links to <help_url>/<feature>",
+    )
+    update_payment_url: str = Field(
+        default="http://127.0.0.1:8080/billing",
+        description="Where customers update their payment method (dunning messages)",
+    )
     customer_budget: int = Field(
         default=3, ge=0, description="Customer-facing touches allowed per account per window"
     )
