@@ -16,7 +16,11 @@ order, and the first that stops it is the decision's reason:
 
 The decision is ``fired`` when any action went out, was scheduled or deferred;
 ``suppressed: budget`` or ``failed`` when none could. Every step's reads and writes are
-in the one transaction the caller commits, under the account's row lock.
+in the one transaction the caller commits, under the account's lock: the state is read
+in one query when the lock is taken, the effects (decision and action rows, touches,
+cool-downs, dedupe keys, timers, commands) collected in memory and written in one
+statement at the end (:meth:`Account.flush`). Decisions that passed their conditions are
+also published as ``DecisionLogged`` events (``playbooks.decisions``) from the outbox.
 
 Time: a decision is taken as of its signal's event time (a timer's as of its due time),
 not the wall clock, so replaying a stream gives the same decisions, cool-downs and

@@ -1,8 +1,10 @@
 """Every query of playbooks, on a connection whose transaction the caller owns.
 
-The message (or timer) boundary opens the transaction and commits it once; nothing here
-commits. Effects are inserted under their unique keys with ``ON CONFLICT DO NOTHING
-RETURNING``, so the caller learns whether it was the first to record one.
+The boundary (a consumer's batch, a timer's account) opens the transaction and commits it
+once; nothing here commits. A decision reads its account in one query after taking the
+account's lock (:meth:`PlaybooksRepository.load_account`) and writes everything it caused
+in one statement (:meth:`PlaybooksRepository.flush`). Effects are inserted under their
+unique keys (``ON CONFLICT DO NOTHING``), so work redone after a crash adds nothing.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 from churnguard.common.events.billing import DECLINE_CODE_KINDS
 from churnguard.playbooks.catalogue import CUSTOMER_CHANNELS
-from churnguard.playbooks.conditions import ALWAYS, Condition
+from churnguard.playbooks.conditions import Condition
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(w|d|h|m|s)")
 _UNITS: Final = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -256,7 +256,3 @@ class Playbook:
     @property
     def is_dunning(self) -> bool:
         return any(isinstance(a, DunningSpec) for a in self.actions)
-
-
-def no_conditions() -> Condition:
-    return ALWAYS
