@@ -54,6 +54,10 @@ def test_recipients() -> None:
     ]
     assert resolve("#exec-renewals", "slack") == ["#exec-renewals"]
     assert resolve("admins", "email", contacts=[]) == []
+    # no admin known (traits often carry no role): the account's known users
+    members = [Contact("u_1", "one@acme.test", None), Contact("u_2", None, "member")]
+    assert resolve("admins", "email", contacts=members) == ["one@acme.test"]
+    assert resolve("admins", "in_app", contacts=members) == ["u_1", "u_2"]
 
 
 def test_a_notification_is_a_valid_event_with_the_decision_in_it() -> None:

@@ -423,3 +423,33 @@ async def test_a_second_failure_of_the_same_invoice_is_the_same_dunning(harness:
     assert [r["outcome"] for r in log] == ["fired", "suppressed"]
     assert log[1]["reason"].startswith("dedupe: dunning of invoice in_1 is open")
     assert len(await harness.rows("SELECT * FROM dunning_cases")) == 1
+
+
+async def test_the_window_end_waits_for_the_outcome_of_a_retry_in_flight(
+    harness: Harness,
+) -> None:
+    """A replayed history (or a slow notify) reaches the window's end with retry 1 sent and
+    its outcome not back: the case waits for it instead of cancelling under it."""
+    acct = "acct_inflight"
+    await account(harness, acct)
+    await harness.signal(b.payment_failed(acct, T0))
+    late = T0 + timedelta(days=16)
+    await harness.fire_until(late)  # retry 1 and the window's end, both due
+    (first,) = await retries(harness, acct)
+    (case,) = await harness.rows("SELECT status FROM dunning_cases")
+    assert case["status"] == "retrying"
+    await harness.feed(
+        Topic.OUTCOMES, b.outcome(acct, late, first.id, "payment_failed", "insufficient_funds")
+    )
+    await harness.fire_until(late + timedelta(hours=1))
+    assert [r.data.attempt for r in await retries(harness, acct)] == [1, 2]
+    # retry 2's outcome never comes: a day later the case concludes, saying why
+    await harness.fire_until(late + timedelta(days=2))
+    (case,) = await harness.rows("SELECT status FROM dunning_cases")
+    assert case["status"] == "cancel"
+    (final,) = [
+        c for c in await messages(harness, acct) if c.data.template == "dunning_final_state"
+    ]
+    # the window's end (day 15) came while retry 1 was out; it waited a day past the moment
+    # it fired (day 16), found retry 2 without an outcome, and concluded
+    assert final.time == T0 + timedelta(days=17)

@@ -206,8 +206,8 @@ def fields_for(signal: str | None) -> dict[str, FieldType]:
 RECIPIENTS: Final[Mapping[str, str]] = {
     "csm": "the account's CSM (traits csm); Slack user or CSM id",
     "owner": "the account owner (traits owner), else the CSM",
-    "admins": "the account's admin users (identify traits role admin/owner): their emails "
-    "for email, their user ids for in_app",
+    "admins": "the account's admin users (identify traits role admin/owner; its known users "
+    "when none is an admin): their emails for email, their user ids for in_app",
     "contacts": "the account's known users, admins first, up to max_recipients",
     "respondent": "the user the signal is about (detractor_nps user_id), else the admins",
 }

@@ -68,7 +68,9 @@ def resolve_recipients(
     def users(selected: Sequence[Contact]) -> list[str]:
         return [a for a in (address(c) for c in selected) if a]
 
-    admins = [c for c in contacts if c.is_admin]
+    # traits often lack a role: an account with no admin known is reached through the
+    # users it has (admins first whenever there are some)
+    admins = [c for c in contacts if c.is_admin] or list(contacts)
     match to:
         case "csm":
             found = [csm] if csm else []
@@ -77,7 +79,7 @@ def resolve_recipients(
         case "admins":
             found = users(admins)
         case "contacts":
-            found = users(admins + [c for c in contacts if not c.is_admin])
+            found = users(admins + [c for c in contacts if c not in admins])
         case "respondent":
             who = [c for c in contacts if c.user_id == respondent]
             if channel == "in_app" and respondent and not who:

@@ -95,6 +95,8 @@ log = logging.getLogger(__name__)
 SIGNAL_ADAPTER: Final[TypeAdapter[Any]] = TypeAdapter(SignalEvent)
 SCHEDULE_SIGNAL: Final = "schedule.renewal_in_days"
 FIRED_STATUSES: Final = frozenset({"sent", "scheduled", "deferred", "dunning"})
+OUTCOME_WAIT: Final = timedelta(days=1)
+"""How long the window's end waits for the outcome of a retry already requested."""
 FINAL_TIMER_GRACE: Final = timedelta(days=1)
 """A soft-decline case still open this long after its window (an outcome never came)
 is concluded anyway."""
@@ -1048,7 +1050,10 @@ class DecisionEngine:
 
     # -- timers -------------------------------------------------------------------------
 
-    async def fire_timer(self, repo: PlaybooksRepository, timer: Row) -> Result:
+    async def fire_timer(
+        self, repo: PlaybooksRepository, timer: Row, now: datetime | None = None
+    ) -> Result:
+        """Fire one due timer; ``now`` is the loop's clock (the wall clock in service)."""
         result = Result()
         payload, due = timer["payload"], timer["due_at"]
         account = await self._account(repo, timer["account_id"], due)
@@ -1060,7 +1065,7 @@ class DecisionEngine:
         elif kind == "dunning_final":
             case = await repo.case(payload["case_id"])
             if case is not None and case["status"] in OPEN_DUNNING:
-                await self._conclude(account, case, due, result, "dunning window ended unpaid")
+                await self._fire_final(account, case, payload, due, now or due, result)
         elif kind == "schedule":
             await self._fire_schedule(account, payload, due, result)
         else:
@@ -1118,6 +1123,38 @@ class DecisionEngine:
                     }
                 ]
             )
+
+    async def _fire_final(
+        self,
+        account: Account,
+        case: Mapping[str, Any],
+        payload: Mapping[str, Any],
+        due: datetime,
+        now: datetime,
+        result: Result,
+    ) -> None:
+        """The dunning window ended. A retry still waiting for its outcome gets it first:
+        the outcome schedules the next retry or concludes; the window's end only concludes
+        when that outcome is OUTCOME_WAIT late (by the wall clock: it waits for notify)."""
+        waiting = (
+            case["status"] == "retrying"
+            and case["attempts"] > 0
+            and await account.repo.attempt_outcome(case["case_id"], case["attempts"]) is None
+        )
+        if waiting and not payload.get("after_wait"):
+            account.add_timer(
+                dedupe_key=f"{case['case_id']}.final.wait.{case['attempts']}",
+                kind="dunning_final",
+                due_at=max(due, now) + OUTCOME_WAIT,
+                payload={"case_id": case["case_id"], "after_wait": True},
+            )
+            return
+        why = (
+            f"no outcome of retry {case['attempts']} within {format_duration(OUTCOME_WAIT)}"
+            if waiting
+            else "dunning window ended unpaid"
+        )
+        await self._conclude(account, case, due, result, why)
 
     async def _fire_retry(
         self, account: Account, payload: Mapping[str, Any], due: datetime, result: Result

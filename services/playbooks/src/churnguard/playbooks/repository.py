@@ -611,6 +611,14 @@ class PlaybooksRepository:
         )
         return (await self.conn.execute(stmt)).scalar() is not None
 
+    async def attempt_outcome(self, case_id: str, attempt: int) -> str | None:
+        row = await self.conn.execute(
+            select(dunning_attempts.c.outcome).where(
+                dunning_attempts.c.case_id == case_id, dunning_attempts.c.attempt == attempt
+            )
+        )
+        return row.scalar()
+
     async def attempt(self, command_id: str) -> Row | None:
         row = await self.conn.execute(
             select(dunning_attempts).where(dunning_attempts.c.command_id == command_id)

@@ -64,7 +64,7 @@ class TimerLoop:
                 due = await repo.claim_due_timers(account_id, now)
                 for timer in due:
                     with bind_event(f"timer-{timer['timer_id']}", account_id):
-                        effects = await self.decisions.fire_timer(repo, timer)
+                        effects = await self.decisions.fire_timer(repo, timer, now)
                     result.commands += effects.commands
                     result.decisions += effects.decisions
                 await repo.finish_timers([t["timer_id"] for t in due], datetime.now(UTC))
