@@ -41,7 +41,7 @@ bench: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy src libs/common/src services/ingest/src services/scoring/src services/notify/src
+	$(BIN)/mypy src libs/common/src services/ingest/src services/scoring/src services/playbooks/src services/notify/src
 	$(BIN)/churnguard schemas check
 
 format: install

@@ -14,6 +14,7 @@ BENCHMARKS = {
     "ingest": "bench.ingest",
     "features": "bench.features",
     "scoring": "bench.scoring",
+    "playbooks": "bench.playbooks",
     "notify": "bench.notify",
 }
 

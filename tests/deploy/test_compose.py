@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings
 from churnguard.common.settings import PlatformSettings
 from churnguard.ingest.settings import IngestSettings
 from churnguard.notify.settings import NotifySettings
+from churnguard.playbooks.settings import PlaybooksSettings
 from churnguard.scoring.settings import ScoringSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,6 +37,7 @@ KNOWN_VARIABLES = (
     | env_names(IngestSettings)
     | env_names(ScoringSettings)
     | env_names(NotifySettings)
+    | env_names(PlaybooksSettings)
 )
 
 

@@ -37,6 +37,7 @@ def stack_env() -> Iterator[dict[str, str]]:
             "CHURNGUARD_DEV_NOTIFY_PORT": str(free_port()),
             "CHURNGUARD_DEV_MAILBOX_PORT": str(free_port()),
             "CHURNGUARD_DEV_SMTP_PORT": str(free_port()),
+            "CHURNGUARD_DEV_PLAYBOOKS_PORT": str(free_port()),
         }
     )
     yield env
@@ -67,13 +68,14 @@ def test_up_twice_status_down_leaves_nothing_behind(stack_env: dict[str, str]) -
         "scoring",
         "mailbox",
         "notify",
+        "playbooks",
     }
 
     status = cli(stack_env, "dev", "status")
     assert status.returncode == 0, status.stdout
-    for name in ("kafka", "postgres", "ingest", "scoring", "mailbox", "notify"):
+    for name in ("kafka", "postgres", "ingest", "scoring", "mailbox", "notify", "playbooks"):
         assert name in status.stdout
-    assert status.stdout.count("healthy") == 6
+    assert status.stdout.count("healthy") == 7
     assert f"127.0.0.1:{stack_env['CHURNGUARD_DEV_KAFKA_PORT']}" in status.stdout
 
     again = cli(stack_env, "dev", "up")

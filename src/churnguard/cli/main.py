@@ -45,6 +45,10 @@ def _register_service_commands() -> None:
 
     app.add_typer(keys, name="keys", help="Write keys of ingest's sources (hashed in PostgreSQL).")
 
+    from churnguard.playbooks.cli import playbooks
+
+    app.add_typer(playbooks, name="playbooks")
+
 
 _register_service_commands()
 
@@ -143,7 +147,10 @@ def _print_status(settings: object) -> bool:
 @dev.command("logs")
 def dev_logs(
     component: Annotated[
-        str, typer.Argument(help="kafka, postgres, ingest, scoring, mailbox, notify, supervisor")
+        str,
+        typer.Argument(
+            help="kafka, postgres, ingest, scoring, playbooks, mailbox, notify, supervisor"
+        ),
     ],
     lines: Annotated[int, typer.Option("--lines", "-n")] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f")] = False,

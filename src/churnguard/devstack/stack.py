@@ -60,6 +60,7 @@ class StackSettings(BaseSettings):
     notify_port: int = 8083
     mailbox_port: int = Field(default=8025, description="The local mailbox's web page")
     smtp_port: int = Field(default=1025, description="The local mailbox's SMTP catch-all")
+    playbooks_port: int = 8082
     postgres_user: str | None = Field(
         default=None, description="OS user that runs PostgreSQL when started as root"
     )
@@ -109,6 +110,8 @@ class StackSettings(BaseSettings):
                 "CHURNGUARD_NOTIFY_SMTP_SECURITY": "none",
                 "CHURNGUARD_NOTIFY_STRIPE_API_KEY": mailbox.STRIPE_KEY,
                 "CHURNGUARD_NOTIFY_STRIPE_API_BASE": f"{self.mailbox_url}/stripe",
+                "CHURNGUARD_PLAYBOOKS_HOST": self.host,
+                "CHURNGUARD_PLAYBOOKS_PORT": str(self.playbooks_port),
             }
         )
         return env
@@ -159,6 +162,9 @@ def services(settings: StackSettings) -> list[ServiceSpec]:
             "/readyz",
         ),
         ServiceSpec("notify", [py, "-m", "churnguard.notify"], settings.notify_port, "/readyz"),
+        ServiceSpec(
+            "playbooks", [py, "-m", "churnguard.playbooks"], settings.playbooks_port, "/readyz"
+        ),
     ]
 
 
@@ -228,8 +234,10 @@ class Supervisor:
                 f"  scoring         http://{s.host}:{s.scoring_port}/accounts/<id>",
                 f"  notify          http://{s.host}:{s.notify_port}/docs (inbox API)",
                 f"  mailbox         {s.mailbox_url} (the demo's emails, Slack messages, charges)",
+                f"  playbooks       http://{s.host}:{s.playbooks_port}/accounts/<id>/decisions",
                 f"  metrics         http://{s.host}:{s.ingest_port}/metrics, "
                 f"http://{s.host}:{s.scoring_port}/metrics, "
+                f"http://{s.host}:{s.playbooks_port}/metrics, "
                 f"http://{s.host}:{s.notify_port}/metrics",
                 f"  Kafka           {s.kafka_bootstrap}",
                 f"  PostgreSQL      postgresql://postgres@{s.host}:{s.postgres_port}/postgres",
@@ -252,6 +260,7 @@ class Supervisor:
         ensure_port_free("notify (CHURNGUARD_DEV_NOTIFY_PORT)", s.host, s.notify_port)
         ensure_port_free("mailbox (CHURNGUARD_DEV_MAILBOX_PORT)", s.host, s.mailbox_port)
         ensure_port_free("mailbox SMTP (CHURNGUARD_DEV_SMTP_PORT)", s.host, s.smtp_port)
+        ensure_port_free("playbooks (CHURNGUARD_DEV_PLAYBOOKS_PORT)", s.host, s.playbooks_port)
 
     def _start_kafka(self) -> None:
         from churnguard.devstack.tansu import TansuBroker

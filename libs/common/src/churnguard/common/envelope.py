@@ -121,6 +121,13 @@ class EnvelopeCodec(Generic[M]):
         """
         if value is None:
             raise InvalidEnvelope("record value is empty (tombstone)")
+        if value[:1] == b"{":
+            # a lone CloudEvent (derived topics hold one event per record): validated as
+            # one, not first tried as an array and then parsed a second time
+            try:
+                return [self.item.validate_json(value)]
+            except ValidationError:
+                return self._decode_slowly(value)
         try:
             events = self.batch.validate_json(value)
         except ValidationError:

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -294,6 +294,8 @@ class ConsumerLoop:
         producer: AIOKafkaProducer,
         breaker: DeadLetterBreaker,
         max_batch: int = 500,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
+        consumer_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.topics = list(topics)
@@ -308,6 +310,10 @@ class ConsumerLoop:
 
         self.dead_letters = DeadLetters(name, send, breaker)
         self.max_batch = max_batch
+        self.before_commit = before_commit
+        """Awaited after a batch is processed and before its offsets are committed: where
+        a processor that stages side effects (an outbox of commands) sends them, so a
+        record's offset is committed only once what it caused is in Kafka."""
         self.consumer = AIOKafkaConsumer(
             *self.topics,
             bootstrap_servers=bootstrap,
@@ -316,6 +322,9 @@ class ConsumerLoop:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
+            # e.g. fetch_max_wait_ms: a broker that holds every fetch that long (Tansu
+            # does, whatever fetch_min_bytes says) adds it to a latency-bound consumer's lag
+            **(consumer_options or {}),
         )
         self._stopping = asyncio.Event()
 
@@ -357,8 +366,20 @@ class ConsumerLoop:
         finally:
             # commit what was fully handled, even when the breaker trips mid-batch
             if offsets:
+                if self.before_commit is not None:
+                    await self.before_commit()
                 await self.consumer.commit(offsets)
+                self._report_lag(offsets)
             metrics.CONSUMER_BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+
+    def _report_lag(self, offsets: dict[TopicPartition, int]) -> None:
+        """Records behind the partition's high watermark, as of the last fetch."""
+        for tp, position in offsets.items():
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None:
+                metrics.CONSUMER_LAG.labels(self.name, tp.topic, str(tp.partition)).set(
+                    max(highwater - position, 0)
+                )
 
     async def _process_one(self, record: ConsumerRecord) -> None:
         try:

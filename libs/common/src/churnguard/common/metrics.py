@@ -67,6 +67,11 @@ CONSUMER_BATCH_SECONDS = Histogram(
     ["consumer"],
     buckets=LATENCY_BUCKETS,
 )
+CONSUMER_LAG = Gauge(
+    "churnguard_consumer_lag_records",
+    "Records a consumer is behind the partition's high watermark (after its last commit)",
+    ["consumer", "topic", "partition"],
+)
 CONSUMER_STOPPED = Gauge(
     "churnguard_consumer_stopped",
     "1 when a consumer stopped itself (dead-letter breaker tripped)",
