@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -399,4 +400,139 @@ async def test_csm_task_and_signed_webhook(notify_env: NotifyEnv, notify: str) -
     (received,) = [r for r in notify_env.hooks.received if r["key"] == hook.id]
     assert received["name"] == "crm"
     assert received["payload"]["variables"]["arr"] == 12_000_000
+    assert notify_env.hooks.bad_signatures == 0
+
+
+async def test_the_templates_of_the_shipped_playbooks_reach_their_servers(
+    notify_env: NotifyEnv, notify: str
+) -> None:
+    """Each of the templates playbooks' shipped playbooks use, on each of its channels,
+    as the recipient sees it: the mailbox, the Slack channel, the inbox and task APIs, the
+    billing system's webhook."""
+    acct = "acct_playbooks"
+    milestone = {
+        "account_name": "Acme Corp",
+        "milestone": "feature_uses.reports",
+        "milestone_value": 1000,
+        "contact_name": "Dana",
+    }
+    expansion = {
+        "account_name": "Acme Corp",
+        "expansion_reason": "seats_near_limit",
+        "seats_utilisation": 0.96,
+        "arr": 12_000_000,
+        "currency": "usd",
+        "console_url": "http://127.0.0.1:8090/accounts/acct_playbooks",
+    }
+    final = {"account_name": "Acme Corp", "invoice_id": "in_final", "final_state": "cancel"}
+    commands = {
+        "apology": notification(
+            "email",
+            "nps_apology",
+            "pat@acme.test",
+            {"account_name": "Acme Corp", "score": 2, "csm_name": "Ana"},
+            account=acct,
+        ),
+        "milestone_email": notification(
+            "email", "milestone_congratulations", "dana@acme.test", milestone, account=acct
+        ),
+        "final_notice": notification(
+            "email",
+            "dunning_final_notice",
+            "billing@acme.test",
+            {**final, "amount": 4900, "currency": "usd"},
+            account=acct,
+        ),
+        "milestone_in_app": notification(
+            "in_app", "milestone_congratulations", "u_dana", milestone, account=acct
+        ),
+        "expansion_slack": notification(
+            "slack", "expansion_opportunity", ALERTS, expansion, account=acct
+        ),
+        "expansion_task": notification(
+            "csm_task", "expansion_opportunity", "csm_eli", expansion, account=acct
+        ),
+        "renewal_task": notification(
+            "csm_task",
+            "renewal_prep",
+            "csm_eli",
+            {
+                "account_name": "Acme Corp",
+                "days_to_renewal": 90,
+                "arr": 12_000_000,
+                "health": 58,
+                "tier": "watch",
+                "console_url": "http://127.0.0.1:8090/accounts/acct_playbooks",
+            },
+            account=acct,
+        ),
+        "final_state": notification(
+            "webhook",
+            "dunning_final_state",
+            "crm",
+            {**final, "attempts": 4, "amount": 4900, "currency": "usd"},
+            account=acct,
+        ),
+    }
+    await notify_env.send(Topic.NOTIFICATIONS, *commands.values())
+    ids = [c.id for c in commands.values()]
+    events = await notify_env.outcomes(lambda ev: all(statuses(ev, i) for i in ids))
+    assert {name: statuses(events, c.id) for name, c in commands.items()} == {
+        name: ["delivered"] for name in commands
+    }
+
+    subjects = {
+        "pat@acme.test": "We're sorry we let you down",
+        "dana@acme.test": "Congratulations on your 1,000th report, Dana",
+        "billing@acme.test": "Your subscription for Acme Corp has been cancelled",
+    }
+    says = {
+        "pat@acme.test": "Ana, who looks after Acme Corp, will get in touch",
+        "dana@acme.test": "Your team at Acme Corp has just reached its 1,000th report.",
+        "billing@acme.test": "we have not been able to collect $49 for invoice in_final",
+    }
+    for address, subject in subjects.items():
+        (msg,) = notify_env.smtp.to(address)
+        assert msg["Subject"] == subject
+        assert msg["List-Unsubscribe"].startswith(f"<{notify}/v1/unsubscribe?token=")
+        assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        text_part = msg.get_body(preferencelist=("plain",))
+        html_part = msg.get_body(preferencelist=("html",))
+        assert text_part is not None
+        assert html_part is not None
+        assert says[address] in text_part.get_content()
+        html = html_part.get_content()
+        assert says[address] in re.sub(r"<[^>]+>", "", html)  # as a mail client shows it
+        assert 'style="color:#6e7781">Unsubscribe</a>' in html  # the shared layout's footer
+
+    (slack,) = [
+        m
+        for m in notify_env.slack.in_channel(ALERTS)
+        if m["metadata"]["event_payload"]["action_id"] == commands["expansion_slack"].id
+    ]
+    assert block_kit_problems(slack["blocks"]) == []
+    shown = str(slack["blocks"])
+    for expected in ("Expansion opportunity: Acme Corp", "96% of its seats", "$120,000"):
+        assert expected in shown
+
+    async with httpx.AsyncClient(base_url=notify, headers=AUTH) as client:
+        inbox = (await client.get("/v1/inbox/messages", params={"user_id": "u_dana"})).json()
+        tasks = (await client.get("/v1/csm-tasks", params={"assignee": "csm_eli"})).json()
+    assert [m["title"] for m in inbox] == ["Congratulations on your 1,000th report!"]
+    assert {t["title"] for t in tasks} == {
+        "Expansion opportunity: Acme Corp",
+        "Prepare the renewal of Acme Corp: due in 90 days",
+    }
+
+    (hook,) = [r for r in notify_env.hooks.received if r["key"] == commands["final_state"].id]
+    assert hook["payload"]["template"] == "dunning_final_state"
+    assert hook["payload"]["account_id"] == acct
+    assert hook["payload"]["variables"] == {
+        "invoice_id": "in_final",
+        "final_state": "cancel",
+        "attempts": 4,
+        "account_name": "Acme Corp",
+        "amount": 4900,
+        "currency": "usd",
+    }
     assert notify_env.hooks.bad_signatures == 0

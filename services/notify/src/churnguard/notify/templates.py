@@ -6,7 +6,12 @@ template's model *before* anything is sent, so a playbook that forgets a variabl
 message. Email templates are Jinja2 files shipped in the package (``templates/email/
 <id>.subject.txt``, ``.html``, ``.txt``, HTML autoescaped); Slack messages are Block Kit
 built in :mod:`churnguard.notify.channels.slack`; in-app messages and CSM tasks use the
-title and body of :data:`TEXTS`; webhooks receive the validated variables as JSON.
+title and body of :func:`plain_text`; webhooks receive the validated variables as JSON.
+
+Playbooks declares the templates it may use in its shipped ``templates.yaml``; every one
+of them is here with the same channels and variable names
+(``tests/playbooks/test_notify_contract.py`` checks both, and that the commands the shipped
+playbooks produce validate and render here).
 
 ``services/notify/README.md`` lists every template and its variables: keep it in step
 (``tests/notify/test_templates.py`` checks that it names every template and variable).
@@ -14,6 +19,7 @@ title and body of :data:`TEXTS`; webhooks receive the validated variables as JSO
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -29,6 +35,10 @@ Url = Annotated[str, StringConstraints(pattern=r"^https?://\S+$", max_length=200
 Currency = Annotated[str, StringConstraints(pattern=r"^[a-z]{3}$")]
 Cents = Annotated[int, Field(ge=0, description="Minor units of the currency (cents)")]
 Health = Annotated[int, Field(ge=0, le=100)]
+NpsScore = Annotated[int, Field(ge=0, le=10)]
+DaysToRenewal = Annotated[int, Field(ge=0, le=366)]
+FinalState = Literal["cancel", "downgrade", "keep_flagged"]
+"""How a dunning case ends when its retries run out (playbooks' ``final_state``)."""
 
 
 class Variables(BaseModel):
@@ -56,14 +66,14 @@ class RenewalAtRiskAlert(Variables):
     currency: Currency = "usd"
     health: Health
     tier: RiskTier
-    days_to_renewal: int = Field(ge=0, le=366)
+    days_to_renewal: DaysToRenewal
     reasons: list[ReasonCode] = Field(default_factory=list, max_length=10)
     console_url: Url
 
 
 class DetractorFollowUp(Variables):
     account_name: Text
-    score: int = Field(ge=0, le=10)
+    score: NpsScore
     comment: Annotated[str, StringConstraints(max_length=3000)] | None = None
     user_name: Text | None = None
     console_url: Url
@@ -87,6 +97,68 @@ class UsageDropCheckIn(Variables):
     )
     help_url: Url
     csm_name: Text | None = None
+
+
+class NpsApology(Variables):
+    account_name: Text
+    score: NpsScore
+    contact_name: Text | None = None
+    csm_name: Text | None = Field(
+        default=None, description="Who will call: named when it reads as a name (person_name)"
+    )
+
+
+class ExpansionOpportunity(Variables):
+    account_name: Text
+    expansion_reason: Text = Field(
+        description="A code (seats_near_limit), a code with detail (usage_above_plan: ...) "
+        "or a sentence, as the expansion signal carries it"
+    )
+    console_url: Url
+    arr: Cents | None = None
+    currency: Currency = "usd"
+    seats_utilisation: float | None = Field(
+        default=None, ge=0.0, allow_inf_nan=False, description="Seats used / seats bought"
+    )
+
+
+class MilestoneCongratulations(Variables):
+    account_name: Text
+    milestone: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
+        description="feature_uses.<feature>, first_use.<feature>, active_users_30d, "
+        "customer_years, or any other name (shown as words)"
+    )
+    milestone_value: int = Field(ge=1, description="The count or threshold reached")
+    contact_name: Text | None = None
+
+
+class RenewalPrep(Variables):
+    account_name: Text
+    days_to_renewal: DaysToRenewal
+    console_url: Url
+    arr: Cents | None = None
+    currency: Currency = "usd"
+    health: Health | None = None
+    tier: RiskTier | None = None
+
+
+class DunningFinalNotice(Variables):
+    account_name: Text
+    invoice_id: Text
+    final_state: FinalState
+    amount: Cents | None = None
+    currency: Currency = "usd"
+
+
+class DunningFinalState(Variables):
+    invoice_id: Text
+    final_state: FinalState
+    attempts: int = Field(ge=0, description="Payment retries made (0 after a hard decline)")
+    account_name: Text | None = None
+    amount: Cents | None = None
+    # no default: a billing system must not be told a currency nobody gave (the webhook
+    # carries exactly what playbooks sent; null when it sent none)
+    currency: Currency | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +207,43 @@ CATALOGUE: dict[str, TemplateSpec] = {
             "To the customer: activity fell, here is what may help",
             {"email", "in_app", "webhook"},
             UsageDropCheckIn,
+        ),
+        _spec(
+            "nps_apology",
+            "To a detractor: an apology, and a call from the team",
+            {"email"},
+            NpsApology,
+        ),
+        _spec(
+            "expansion_opportunity",
+            "To the account's owner: it looks ready to buy more, and why",
+            {"slack", "csm_task"},
+            ExpansionOpportunity,
+        ),
+        _spec(
+            "milestone_congratulations",
+            "To the customer: congratulations on a milestone (1,000th report, a year with us)",
+            {"in_app", "email"},
+            MilestoneCongratulations,
+        ),
+        _spec(
+            "renewal_prep",
+            "To the CSM: prepare the renewal (usage review, QBR) ahead of the date",
+            {"csm_task"},
+            RenewalPrep,
+        ),
+        _spec(
+            "dunning_final_notice",
+            "To the customer: retries ran out, the subscription is cancelled, downgraded or "
+            "on hold",
+            {"email"},
+            DunningFinalNotice,
+        ),
+        _spec(
+            "dunning_final_state",
+            "To the billing system: carry out the final state of a dunning case",
+            {"webhook"},
+            DunningFinalState,
         ),
     )
 }
@@ -190,6 +299,181 @@ TIER_LABEL: dict[RiskTier, str] = {
 }
 
 
+def ordinal(n: int) -> str:
+    """``1st``, ``22nd``, ``113th``, ``1,000th``."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n:,}{suffix}"
+
+
+_NUMBER_WORDS = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+)
+
+
+def count(n: int, singular: str, plural: str | None = None) -> str:
+    """``one year``, ``two years``, ``25 years``: words up to twelve, as people write them."""
+    word = _NUMBER_WORDS[n] if 0 <= n < len(_NUMBER_WORDS) else f"{n:,}"
+    return f"{word} {singular if n == 1 else plural or singular + 's'}"
+
+
+def days_phrase(days: int) -> str:
+    return "today" if days == 0 else "tomorrow" if days == 1 else f"in {days} days"
+
+
+_ACRONYMS = {"api": "API", "sso": "SSO", "csv": "CSV", "crm": "CRM", "pdf": "PDF", "ai": "AI"}
+
+
+def _words(name: str) -> str:
+    """A machine name as words: ``scheduled_reports`` → ``scheduled reports``."""
+    parts = name.replace(".", " ").replace("_", " ").replace("-", " ").split()
+    return " ".join(_ACRONYMS.get(p.lower(), p) for p in parts)
+
+
+@dataclass(frozen=True)
+class _FeatureWords:
+    label: str
+    """How a sentence names the feature: "has now used {label} 1,000 times"."""
+    noun: str | None
+    """One use of it, counted: "your 1,000th {noun}" (None: not a countable thing)."""
+    first: str | None
+    """Its first use: "your first {first}"."""
+
+
+# Features whose names do not turn into good words by rule (the rule: a plural name
+# is a countable thing, "reports" → "your 1,000th report").
+_FEATURES: dict[str, _FeatureWords] = {
+    "api": _FeatureWords("the API", "API call", "API call"),
+    "sso": _FeatureWords("single sign-on", None, None),
+    "mobile_app": _FeatureWords("the mobile app", None, None),
+    "integrations": _FeatureWords("integrations", None, "integration"),
+    "automations": _FeatureWords("automations", "automation run", "automation"),
+}
+
+
+def _feature_words(feature: str) -> _FeatureWords:
+    known = _FEATURES.get(feature)
+    if known is not None:
+        return known
+    label = _words(feature)
+    plural = label.endswith("s") and not label.endswith(("ss", "us", "is", "ics"))
+    noun = label[:-1] if plural else None
+    return _FeatureWords(label, noun, noun)
+
+
+@dataclass(frozen=True)
+class MilestoneWords:
+    """A milestone said for people: ``achievement`` follows "Congratulations on" (subject,
+    title), ``sentence`` tells what happened (the message's first line)."""
+
+    achievement: str
+    sentence: str
+
+
+def milestone_words(milestone: str, value: int, account_name: str) -> MilestoneWords:
+    """Scoring's milestone names (``feature_uses.reports`` 1000, ``first_use.api``,
+    ``active_users_30d`` 50, ``customer_years`` 1) as words; any other name reads as a
+    new milestone, so a producer's new kind still gets a sensible message."""
+    team = f"Your team at {account_name}"
+    kind, _, feature = milestone.partition(".")
+    if kind == "feature_uses" and feature:
+        words = _feature_words(feature)
+        if words.noun:
+            return MilestoneWords(
+                f"your {ordinal(value)} {words.noun}",
+                f"{team} has just reached its {ordinal(value)} {words.noun}.",
+            )
+        return MilestoneWords(
+            f"{value:,} uses of {words.label}",
+            f"{team} has now used {words.label} {count(value, 'time')}.",
+        )
+    if kind == "first_use" and feature:
+        words = _feature_words(feature)
+        return MilestoneWords(
+            f"your first {words.first}" if words.first else f"your first use of {words.label}",
+            f"{team} has just used {words.label} for the first time.",
+        )
+    if milestone in ("active_users_30d", "active_users"):
+        people = f"{value:,} {'person' if value == 1 else 'people'} at {account_name}"
+        return MilestoneWords(
+            f"{value:,} active {'user' if value == 1 else 'users'}",
+            f"{people} {'was' if value == 1 else 'were'} active in the last 30 days."
+            if milestone == "active_users_30d"
+            else f"{people} now {'uses' if value == 1 else 'use'} the product.",
+        )
+    if milestone == "customer_years":
+        years = count(value, "year")
+        return MilestoneWords(
+            f"{years} with us", f"It has been {years} since {account_name} joined us."
+        )
+    detail = "" if value == 1 else f" ({value:,})"
+    return MilestoneWords(
+        "a new milestone",
+        f"{account_name} has reached a new milestone: {_words(milestone)}{detail}.",
+    )
+
+
+_EXPANSION_REASONS = {
+    "seats_near_limit": "its seats are nearly all in use",
+    "usage_above_plan": "its usage is above what its plan includes",
+}
+
+
+def expansion_reason_text(reason: str, seats_utilisation: float | None) -> str:
+    """Why an account looks ready to buy more, as a clause ("96% of its seats are in use").
+
+    The signal's reason is a code (``seats_near_limit``), a code and a detail
+    (``usage_above_plan: 118% of the API quota``) or already a sentence."""
+    code, colon, detail = reason.partition(":")
+    code, detail = code.strip(), detail.strip()
+    if code == "seats_near_limit" and seats_utilisation is not None:
+        text = f"{seats_utilisation:.0%} of its seats are in use"
+    elif code in _EXPANSION_REASONS:
+        text = _EXPANSION_REASONS[code]
+    elif code.isidentifier() and code == code.lower():
+        text = _words(code)
+    else:
+        return reason.strip()
+    return f"{text} ({detail})" if colon and detail else text
+
+
+_ID_LIKE = re.compile(r"^(?:[UW][A-Z0-9]{6,}|\S*[_@\d]\S*)$")
+
+
+def person_name(value: str | None) -> str | None:
+    """``value`` if it reads as a person's name, else None.
+
+    Playbooks fills ``csm_name`` from the account's CSM trait, which is often an id (a
+    Slack user id such as ``U0CSMANA``, ``csm_ana``, an address): a customer must read
+    "someone from our team", never "U0CSMANA will get back to you"."""
+    if value is None or _ID_LIKE.match(value.strip()):
+        return None
+    return value.strip()
+
+
+def seats_text(seats_utilisation: float) -> str:
+    return f"{seats_utilisation:.0%} of seats in use"
+
+
+_TIER_PHRASE: dict[RiskTier, str] = {
+    "healthy": "healthy",
+    "watch": "on watch",
+    "at_risk": "at risk",
+    "critical": "critical",
+}
+
+
 @dataclass(frozen=True)
 class PlainMessage:
     """A title and a body: what an in-app message and a CSM task show."""
@@ -241,6 +525,44 @@ def plain_text(template: str, v: Variables) -> PlainMessage:
                 else "We have a few ideas that could help your team.",
                 v.help_url,
             )
+        case ExpansionOpportunity():
+            facts = [f"ARR {money(v.arr, v.currency)}"] if v.arr is not None else []
+            if v.seats_utilisation is not None and not v.expansion_reason.startswith(
+                "seats_near_limit"
+            ):
+                facts.append(seats_text(v.seats_utilisation))
+            return PlainMessage(
+                f"Expansion opportunity: {v.account_name}",
+                f"{v.account_name} looks ready to buy more: "
+                f"{expansion_reason_text(v.expansion_reason, v.seats_utilisation)}."
+                + (f" {', '.join(facts)}." if facts else "")
+                + " Talk to them about more seats or a larger plan.",
+                v.console_url,
+            )
+        case MilestoneCongratulations():
+            words = milestone_words(v.milestone, v.milestone_value, v.account_name)
+            return PlainMessage(
+                f"Congratulations on {words.achievement}!",
+                f"{words.sentence} Thank you for building with us.",
+                None,
+            )
+        case RenewalPrep():
+            facts = []
+            if v.arr is not None:
+                facts.append(f"ARR {money(v.arr, v.currency)}")
+            if v.health is not None:
+                facts.append(f"health {v.health}")
+            if v.tier is not None:
+                facts.append(_TIER_PHRASE[v.tier])
+            when = days_phrase(v.days_to_renewal)
+            return PlainMessage(
+                f"Prepare the renewal of {v.account_name}: due {when}",
+                f"{v.account_name} renews {when}"
+                + (f" ({', '.join(facts)})" if facts else "")
+                + ". Before then: review their usage and adoption, book a business review "
+                "with their decision makers, and bring open issues and expansion ideas to it.",
+                v.console_url,
+            )
     raise TemplateError(f"template: {template!r} has no plain-text form")  # pragma: no cover
 
 
@@ -264,6 +586,8 @@ _env_text = jinja2.Environment(
 for _env in (_env_html, _env_text):
     _env.filters["money"] = money
     _env.globals["tier_label"] = TIER_LABEL
+    _env.globals["milestone_words"] = milestone_words
+    _env.globals["person_name"] = person_name
 
 
 @dataclass(frozen=True)

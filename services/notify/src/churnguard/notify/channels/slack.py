@@ -40,9 +40,11 @@ from churnguard.notify.channels.base import (
 from churnguard.notify.templates import (
     TIER_LABEL,
     DetractorFollowUp,
+    ExpansionOpportunity,
     RenewalAtRiskAlert,
     RiskAlert,
     Variables,
+    expansion_reason_text,
     money,
 )
 
@@ -236,6 +238,35 @@ def blocks_for(command: NotificationRequested, v: Variables) -> tuple[str, list[
             blocks = [
                 {"type": "header", "text": _plain(f"Detractor: {text}", HEADER_MAX)},
                 {"type": "section", "text": _mrkdwn(quote)},
+                _button(v.console_url),
+                _context(command),
+            ]
+        case ExpansionOpportunity():
+            why = expansion_reason_text(v.expansion_reason, v.seats_utilisation)
+            arr = money(v.arr, v.currency) if v.arr is not None else None
+            text = f"Expansion opportunity: {v.account_name} looks ready to buy more: {why}" + (
+                f" (ARR {arr})" if arr else ""
+            )
+            fields = []
+            if arr:
+                fields.append(_mrkdwn(f"*ARR*\n{arr}", FIELD_MAX))
+            if v.seats_utilisation is not None:
+                fields.append(_mrkdwn(f"*Seats in use*\n{v.seats_utilisation:.0%}", FIELD_MAX))
+            section: dict[str, Any] = {
+                "type": "section",
+                "text": _mrkdwn(
+                    f":chart_with_upwards_trend: *{escape(v.account_name)}* looks ready to buy "
+                    f"more: {escape(why)}."
+                ),
+            }
+            if fields:
+                section["fields"] = fields
+            blocks = [
+                {
+                    "type": "header",
+                    "text": _plain(f"Expansion opportunity: {v.account_name}", HEADER_MAX),
+                },
+                section,
                 _button(v.console_url),
                 _context(command),
             ]
