@@ -99,6 +99,7 @@ def _loadgen(url: str, key: str, *args: str) -> dict[str, Any]:
 
 
 def run() -> dict[str, float]:
+    (REPO / ".dev").mkdir(exist_ok=True)  # a fresh checkout has none yet
     home = Path(tempfile.mkdtemp(prefix="cg-ingest-bench-", dir=REPO / ".dev"))
     broker = TansuBroker(home / "kafka", free_port())
     pg = EmbeddedPostgres(home / "pg", free_port())
