@@ -192,10 +192,20 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
     async def publish(
         topic: Topic, events: Sequence[CloudEvent], payloads: Sequence[bytes] | None = None
     ) -> list[Published]:
-        started = time.perf_counter()
         publisher: EnvelopePublisher = app.state.publisher
+        return await publishing(
+            topic,
+            publisher.publish(topic, events, payloads),
+            Counter(event.type for event in events),
+        )
+
+    async def publishing(
+        topic: Topic, sent: Awaitable[list[Published]], types: Counter[str]
+    ) -> list[Published]:
+        """Await a publish; its errors as HTTP errors, its success in the metrics."""
+        started = time.perf_counter()
         try:
-            published = await publisher.publish(topic, events, payloads)
+            published = await sent
         except InvalidEvent as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
         except PublishFailed as exc:
@@ -205,7 +215,7 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
                 str(exc),
                 headers={"Retry-After": str(settings.retry_after_s)},
             ) from exc
-        for event_type, count in Counter(event.type for event in events).items():
+        for event_type, count in types.items():
             metrics.INGEST_EVENTS.labels(topic.topic, event_type).inc(count)
         metrics.INGEST_PUBLISH_SECONDS.labels(topic.topic).observe(time.perf_counter() - started)
         return published
@@ -330,40 +340,46 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
 
     def remember_accounts(events: Sequence[CloudEvent]) -> None:
         users: UserAccounts = app.state.user_accounts
-        latest: dict[str, str] = {}  # a batch holds few users, each many times
         for event in events:
             user = getattr(event.data, "user_id", None)
             if user:
-                latest[user] = event.subject
-        for user, account in latest.items():
-            users.remember(user, account)
+                users.remember(user, event.subject)
 
     async def segment_batch(request: Request, src: Authenticated) -> SegmentAccepted:
         try:
-            messages = segment.parse_batch(await request.body())
+            batch = segment.read_batch(await request.body())
         except segment.SegmentError as exc:
             metrics.INGEST_REJECTED.labels(request.url.path, "invalid").inc()
             raise HTTPException(exc.status, str(exc)) from None
         result = segment.map_batch(
-            messages,
+            batch.messages,
             source=f"/segment/{src.name}",
             received_at=datetime.now(UTC),
             resolve_account=app.state.user_accounts.resolve,
+            sent_at=batch.sent_at,
+            context=batch.context,
         )
-        for _ in result.rejected:
-            metrics.INGEST_REJECTED.labels(request.url.path, "invalid").inc()
+        if result.rejected:
+            metrics.INGEST_REJECTED.labels(request.url.path, "invalid").inc(len(result.rejected))
         rejected = [
             Rejection(index=r.index, field=r.field or "(message)", reason=r.reason)
             for r in result.rejected
         ]
-        if not result.accepted:
+        if not result.ids:
             raise HTTPException(
                 status.HTTP_400_BAD_REQUEST,
                 {"accepted": 0, "rejected": [r.model_dump() for r in rejected]},
             )
-        await publish(Topic.USAGE, result.accepted, result.payloads)
-        remember_accounts(result.accepted)
-        return SegmentAccepted(accepted=len(result.accepted), rejected=rejected)
+        publisher: EnvelopePublisher = app.state.publisher
+        await publishing(
+            Topic.USAGE,
+            publisher.publish_json(Topic.USAGE, result.ids, result.subjects, result.payloads),
+            Counter(result.types),
+        )
+        users: UserAccounts = app.state.user_accounts
+        for user, account in result.users.items():
+            users.remember(user, account)
+        return SegmentAccepted(accepted=len(result.ids), rejected=rejected)
 
     for path in ("/v1/batch", "/v1/b", "/v1/import"):
         app.post(
