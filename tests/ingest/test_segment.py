@@ -352,7 +352,7 @@ def segment_messages(draw: st.DrawFn) -> dict[str, Any]:
     return message
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(
     messages=st.lists(segment_messages(), max_size=6),
     sent_at=st.one_of(st.none(), times),
@@ -588,6 +588,18 @@ def test_bad_batch_requests(body: bytes, field: str | None, reason: str) -> None
     assert info.value.status == 400
     assert info.value.field == field
     assert reason in info.value.reason
+
+
+def test_a_message_that_is_not_an_object_is_rejected_by_index() -> None:
+    result = map_batch(
+        [7, track(messageId="ok"), ["x"]],  # type: ignore[list-item]
+        source=SOURCE,
+        received_at=RECEIVED,
+        resolve_account=no_account,
+        sent_at="2026-01-15T12:00:00Z",
+    )
+    assert result.ids == ["ok"]
+    assert [(r.index, r.field) for r in result.rejected] == [(0, "batch[0]"), (2, "batch[2]")]
 
 
 def test_batch_fields_apply_to_every_message() -> None:

@@ -685,7 +685,7 @@ def map_batch(
     for i, message in enumerate(messages):
         fields = quick(message, resolve)
         if fields is None:
-            if merge:
+            if merge and isinstance(message, Mapping):
                 message = _merge(message, sent_at, context)
             try:
                 fields = _validated_fields(message, i, source, received_at, resolve)
@@ -768,7 +768,7 @@ class _QuickMapper:
     def __call__(
         self, message: Mapping[str, Any], resolve: AccountResolver
     ) -> dict[str, Any] | None:
-        if not self.usable:
+        if not self.usable or type(message) is not dict:
             return None
         kind = message.get("type")
         message_id = message.get("messageId")
