@@ -10,6 +10,7 @@ nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -325,8 +326,8 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
 
     # ---- Segment spec -------------------------------------------------------------------
 
-    def unavailable(exc: AccountsUnavailable) -> HTTPException:
-        log.error("%s", exc)
+    def unavailable(exc: AccountsUnavailable | TimeoutError) -> HTTPException:
+        log.error("user accounts: %s", exc or "PostgreSQL did not answer in time")
         return HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
             "user accounts are not available (PostgreSQL): retry later with the same ids",
@@ -351,8 +352,9 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         mapped = mapping(resolve)
         if asked and unresolved(mapped):
             try:
-                found = await users.load(asked)
-            except AccountsUnavailable as exc:
+                async with asyncio.timeout(settings.publish_timeout_s):
+                    found = await users.load(asked)
+            except (AccountsUnavailable, TimeoutError) as exc:
                 raise unavailable(exc) from None
             if found:
                 mapped = mapping(lambda user_id, _: found.get(user_id) if user_id else None)
@@ -365,9 +367,12 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         for user, account in learned.items():
             users.remember(user, account)
         if durable:
+            # shielded: a write that outlasts the caller still finishes (or requeues)
+            writing = asyncio.ensure_future(users.flush())
+            writing.add_done_callback(lambda done: done.cancelled() or done.exception())
             try:
-                await users.flush()
-            except AccountsUnavailable as exc:
+                await asyncio.wait_for(asyncio.shield(writing), settings.publish_timeout_s)
+            except (AccountsUnavailable, TimeoutError) as exc:
                 raise unavailable(exc) from None
 
     async def segment_batch(request: Request, src: Authenticated) -> SegmentAccepted:

@@ -189,11 +189,13 @@ class UserAccounts:
             try:
                 async with self._sessions() as session, session.begin():
                     await UserAccountRepository(session).save(batch)
-            except (SQLAlchemyError, OSError) as exc:
+            except BaseException as exc:  # cancelled (a stop) included: nothing is dropped
                 for user, value in batch.items():
                     self._pending.setdefault(user, value)  # unless learned again since
                 self._dirty.set()
-                raise AccountsUnavailable(f"user accounts not written: {exc!r}") from exc
+                if isinstance(exc, SQLAlchemyError | OSError):
+                    raise AccountsUnavailable(f"user accounts not written: {exc!r}") from exc
+                raise
 
     async def start(self) -> None:
         """Start writing what is learned in the background."""
