@@ -256,6 +256,7 @@ Segment libraries send, and wrong types."""
 accounts = st.one_of(
     st.sampled_from(["acct_1", "acct_2", "a", "acct with spaces", "-acct", "", "a" * 128]),
     st.just("a" * 129),
+    st.sampled_from([["acct_1"], {"id": "acct_1"}]),
     ids,
 )
 times = st.one_of(
@@ -282,6 +283,7 @@ features = st.one_of(
     st.sampled_from(["dashboards", "reports.export", "Bad Key", "", "x" * 100, "x" * 101]),
     st.text(max_size=6),
     st.integers(-5, 5),
+    st.sampled_from([["dashboards"], {"key": "dashboards"}, None, True]),
 )
 objects = st.one_of(
     st.dictionaries(st.text(max_size=4), st.integers(-5, 5) | st.text(max_size=4), max_size=3),
@@ -776,6 +778,14 @@ def test_feature_used_mapping() -> None:
         track(event="Feature Used", userId=None, anonymousId="a-1", properties={"feature": "x"})
     )
     assert isinstance(anonymous, Track)
+
+
+@pytest.mark.parametrize("feature", [["dashboards"], {"key": "dashboards"}, None, 3])
+def test_a_feature_key_that_is_not_a_string_is_the_field_s_error(feature: object) -> None:
+    message = track(event="Feature Used", properties={"feature": feature})
+    result = map_batch([message], source=SOURCE, received_at=RECEIVED, resolve_account=no_account)
+    assert result.ids == []
+    assert [(r.index, r.field) for r in result.rejected] == [(0, "batch[0].properties.feature")]
 
 
 def test_page_mapping_takes_page_context() -> None:

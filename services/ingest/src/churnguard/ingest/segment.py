@@ -982,10 +982,10 @@ class _KnownValid:
         self._max_values = max_values
 
     def valid(self, value: object) -> bool:
+        if type(value) is not str:
+            return False  # before the lookup: a list or an object is not even hashable
         if value in self._valid:
             return True
-        if type(value) is not str:
-            return False
         try:
             if self._adapter.validate_python(value, strict=True) != value:
                 return False  # the model would change it (say, to lower case): not as sent
