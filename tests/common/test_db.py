@@ -25,6 +25,8 @@ from churnguard.common.db import (
 from tests.fixtures.postgres import PgSchema, PgServer
 
 INGEST_MIGRATIONS = Path(churnguard.ingest.__file__).parent / "migrations"
+INGEST_HEAD = "0002"
+"""The latest revision of ingest's migrations."""
 
 
 async def _tables(pg: PgSchema) -> set[str]:
@@ -89,8 +91,8 @@ async def test_search_path_isolates_schemas(pg_schema: PgSchema, postgres_server
 @pytest.mark.integration
 async def test_ingest_migrations_apply_once_into_the_schema(pg_schema: PgSchema) -> None:
     await run_migrations_async(pg_schema.url, pg_schema.schema, INGEST_MIGRATIONS)
-    assert await _tables(pg_schema) == {"alembic_version", "sources"}
-    assert await _version(pg_schema) == "0001"
+    assert await _tables(pg_schema) == {"alembic_version", "sources", "user_accounts"}
+    assert await _version(pg_schema) == INGEST_HEAD
 
     async with pg_schema.engine.begin() as conn:
         row = (
@@ -107,7 +109,7 @@ async def test_ingest_migrations_apply_once_into_the_schema(pg_schema: PgSchema)
 
     # a second upgrade is a no-op: nothing recreated, the row is still there
     await run_migrations_async(pg_schema.url, pg_schema.schema, INGEST_MIGRATIONS)
-    assert await _version(pg_schema) == "0001"
+    assert await _version(pg_schema) == INGEST_HEAD
     async with pg_schema.engine.connect() as conn:
         assert (await conn.execute(text("SELECT count(*) FROM sources"))).scalar() == 1
 
@@ -133,7 +135,7 @@ async def test_version_table_lives_in_the_service_schema(pg_schema: PgSchema) ->
         qualified = await conn.execute(
             text(f"SELECT version_num FROM {pg_schema.schema}.alembic_version")
         )
-        assert qualified.scalar() == "0001"
+        assert qualified.scalar() == INGEST_HEAD
 
 
 @pytest.mark.integration
@@ -143,6 +145,6 @@ async def test_env_opens_its_own_connection_without_one_handed_in(
     """The path the ``alembic`` command line takes (no shared connection)."""
     cfg = _alembic_config(INGEST_MIGRATIONS, pg_schema.schema, pg_schema.url)
     await asyncio.to_thread(command.upgrade, cfg, "head")
-    assert await _version(pg_schema) == "0001"
+    assert await _version(pg_schema) == INGEST_HEAD
     await asyncio.to_thread(command.downgrade, cfg, "base")
     assert await _tables(pg_schema) == {"alembic_version"}

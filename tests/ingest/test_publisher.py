@@ -86,6 +86,17 @@ async def test_a_published_id_is_not_published_again() -> None:
     assert (again.partition, again.offset) == (first.partition, first.offset)
 
 
+async def test_a_request_mixing_new_and_published_ids_is_told_which_is_which() -> None:
+    producer = FakeProducer(partitions=1)  # one envelope for the whole request
+    pub = publisher(producer)
+    (old,) = await pub.publish(Topic.USAGE, [event("acct_1", 1)])
+    outcome = await pub.publish(Topic.USAGE, [event("acct_1", n) for n in (0, 1, 2)])
+    assert [p.duplicate for p in outcome] == [False, True, False]
+    assert outcome[1].offset == old.offset
+    assert outcome[0].offset == outcome[2].offset == 1  # the second record
+    assert [e["id"] for e in envelope.unpack(producer.sent[1]["value"])] == ["acct_1-0", "acct_1-2"]
+
+
 async def test_no_ack_in_time_fails_and_a_late_ack_makes_the_retry_a_duplicate() -> None:
     producer = FakeProducer(acks=False)
     pub = publisher(producer, linger_s=0.001)

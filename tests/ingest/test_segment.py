@@ -6,7 +6,7 @@ import gzip
 import json
 import uuid
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from pydantic import TypeAdapter
 
 from churnguard.common.events.base import CloudEvent
 from churnguard.common.events.usage import FeatureUsed, Group, Identify, Track, UsageEvent
+from churnguard.ingest import segment
 from churnguard.ingest.segment import (
     MAX_BATCH_BYTES,
     MAX_EVENT_BYTES,
@@ -31,6 +32,7 @@ from churnguard.ingest.segment import (
     map_batch,
     parse_batch,
     parse_single,
+    read_batch,
     to_cloudevent,
 )
 from churnguard.simulator.http_sink import segment_batch_body, to_segment
@@ -186,33 +188,209 @@ def assert_payload_is(payload: bytes, event: CloudEvent) -> None:
     assert written == canonical  # same attribute names and values, defaults included
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    count=st.one_of(
-        st.none(),
-        st.integers(-2, 2_000_000),
-        st.floats(allow_nan=False, allow_infinity=False),
-        st.integers(1, 1000).map(str),
-        st.booleans(),
-        st.text(max_size=5),
-    ),
-    feature=st.one_of(st.sampled_from(["dashboards", "api", "Bad Key", ""]), st.text(max_size=8)),
-    timestamp=st.datetimes(timezones=st.just(UTC)).map(lambda t: t.isoformat()),
+def reference(
+    messages: list[dict[str, Any]],
+    resolve_account: Any = no_account,
+    received_at: datetime = RECEIVED,
+) -> tuple[list[CloudEvent], list[tuple[int, str | None, str]]]:
+    """What a batch must map to: each message through :func:`to_cloudevent` (validated by
+    its event model), group calls telling later messages their user's account."""
+    learned: dict[str, str] = {}
+    accepted: list[CloudEvent] = []
+    rejected: list[tuple[int, str | None, str]] = []
+    for i, message in enumerate(messages):
+        try:
+            event = to_cloudevent(
+                message,
+                index=i,
+                source=SOURCE,
+                received_at=received_at,
+                resolve_account=lambda u, a: learned[u] if u in learned else resolve_account(u, a),
+            )
+        except SegmentError as exc:
+            rejected.append((i, exc.field, exc.reason))
+            continue
+        if isinstance(event, Group):
+            learned[event.data.user_id] = event.subject
+        accepted.append(event)
+    return accepted, rejected
+
+
+def assert_maps_like_reference(
+    body: dict[str, Any], resolve_account: Any = no_account, received_at: datetime = RECEIVED
+) -> None:
+    """map_batch of the raw messages (batch fields applied in place) is exactly the
+    reference mapping of the merged ones: the same events, written as the models write
+    them, and the same rejections."""
+    batch = read_batch(orjson.dumps(body))
+    result = map_batch(
+        batch.messages,
+        source=SOURCE,
+        received_at=received_at,
+        resolve_account=resolve_account,
+        sent_at=batch.sent_at,
+        context=batch.context,
+    )
+    expected, rejected = reference(batch.merged(), resolve_account, received_at)
+    assert [(r.index, r.field, r.reason) for r in result.rejected] == rejected
+    assert result.ids == [e.id for e in expected]
+    assert result.subjects == [e.subject for e in expected]
+    assert result.types == [e.type for e in expected]
+    for payload, event in zip(result.payloads, expected, strict=True):
+        assert orjson.loads(payload) == orjson.loads(event.to_json())  # defaults included
+    users = {e.data.user_id: e.subject for e in expected if getattr(e.data, "user_id", None)}
+    assert result.users == users
+
+
+ids = st.one_of(
+    st.text(min_size=1, max_size=3),
+    st.sampled_from(["", "m" * 128, "m" * 129]),
+    st.integers(-5, 10**6),
+    st.none(),
+    st.booleans(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.lists(st.integers(-5, 5), max_size=1),
 )
-def test_published_json_is_the_validated_event(count: Any, feature: str, timestamp: str) -> None:
-    properties: dict[str, Any] = {"feature": feature}
-    if count is not None:
-        properties["count"] = count
-    messages = [
-        track(event="Feature Used", properties=properties, timestamp=timestamp),
-        track(messageId="m-2", event="Other", properties={"count": count}),
-        {"type": "group", "messageId": "g-1", "userId": "u_9", "groupId": "acct_9"},
-    ]
-    result = map_batch(messages, source=SOURCE, received_at=RECEIVED, resolve_account=no_account)
-    assert len(result.accepted) + len(result.rejected) == 3
-    assert len(result.payloads) == len(result.accepted)
-    for event, payload in zip(result.accepted, result.payloads, strict=True):
-        assert_payload_is(payload, event)
+"""messageId, userId, anonymousId, groupId: strings (also at their limits), the numbers
+Segment libraries send, and wrong types."""
+accounts = st.one_of(
+    st.sampled_from(["acct_1", "acct_2", "a", "acct with spaces", "-acct", "", "a" * 128]),
+    st.just("a" * 129),
+    st.sampled_from([["acct_1"], {"id": "acct_1"}]),
+    ids,
+)
+times = st.one_of(
+    st.datetimes(
+        timezones=st.sampled_from(
+            [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(seconds=-3615))]
+        )
+    ).map(lambda t: t.isoformat()),
+    st.datetimes().map(lambda t: t.isoformat()),  # no zone: UTC
+    st.sampled_from(["2026-01-15T11:59:00.000Z", "0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z"]),
+    st.sampled_from(["yesterday", "2026-13-01T00:00:00Z", ""]),
+    st.integers(0, 2**40),
+    st.none(),
+)
+counts = st.one_of(
+    st.integers(-2, 2_000_000),
+    st.sampled_from([1_000_000, 1_000_001, 0]),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(1, 1000).map(str),
+    st.booleans(),
+    st.none(),
+)
+features = st.one_of(
+    st.sampled_from(["dashboards", "reports.export", "Bad Key", "", "x" * 100, "x" * 101]),
+    st.text(max_size=6),
+    st.integers(-5, 5),
+    st.sampled_from([["dashboards"], {"key": "dashboards"}, None, True]),
+)
+objects = st.one_of(
+    st.dictionaries(st.text(max_size=4), st.integers(-5, 5) | st.text(max_size=4), max_size=3),
+    st.none(),
+    st.sampled_from(["x", 3, ["x"]]),
+)
+
+
+@st.composite
+def segment_messages(draw: st.DrawFn) -> dict[str, Any]:
+    """Well-formed messages of every call type, some with a field or three changed to
+    anything (a value at a limit, a wrong type, nothing at all)."""
+    kind = draw(st.sampled_from(["track"] * 4 + ["identify", "group", "page", "screen"]))
+    message: dict[str, Any] = {
+        "type": kind,
+        "messageId": draw(st.uuids().map(str)),
+        "userId": draw(st.sampled_from(["u_1", "u_2", "u_3"])),
+        "timestamp": "2026-01-15T11:59:00.000Z",
+        "context": {"groupId": "acct_1"},
+    }
+    if kind == "track":
+        message["event"], message["properties"] = draw(
+            st.sampled_from(
+                [
+                    ("Feature Used", {"feature": "dashboards", "count": 2}),
+                    ("Feature Used", {"feature": "reports.export"}),
+                    ("Report Exported", {"format": "csv"}),
+                ]
+            )
+        )
+    elif kind == "group":
+        message |= {"groupId": "acct_1", "traits": {"plan": "pro"}}
+    elif kind == "identify":
+        message["traits"] = {"email": "a@b.c"}
+    else:
+        message |= {"name": "Pricing", "properties": {"path": "/pricing"}}
+    changes: dict[str, st.SearchStrategy[Any]] = {
+        "type": st.sampled_from(["track", "identify", "group", "alias", "Track", None, 3]),
+        "messageId": ids,
+        "userId": st.sampled_from(["u_1", "u_2", "u" * 256, "u" * 257]) | ids,
+        "anonymousId": st.sampled_from(["anon-1", "a" * 256, "a" * 257]) | ids,
+        "timestamp": times,
+        "originalTimestamp": times,
+        "sentAt": times,
+        "context": st.one_of(
+            st.fixed_dictionaries({"groupId": accounts}),
+            st.fixed_dictionaries({"library": st.just({"name": "x"})}),
+            st.just({"groupId": None}),
+            objects,
+        ),
+        "groupId": accounts,
+        "traits": objects,
+        "properties": st.one_of(
+            st.fixed_dictionaries({"feature": features}, optional={"count": counts}),
+            st.fixed_dictionaries({"feature": features, "plan": st.just("pro")}),
+            objects,
+        ),
+        "event": st.sampled_from(["Feature Used", "Report Exported", "", "e" * 200, "e" * 201])
+        | st.none()
+        | st.integers(-5, 5),
+        "name": st.sampled_from(["Pricing", None]),
+    }
+    for key in draw(st.lists(st.sampled_from(sorted(changes)), max_size=3, unique=True)):
+        if draw(st.integers(0, 4)) == 0:
+            message.pop(key, None)
+        else:
+            message[key] = draw(changes[key])
+    return message
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    messages=st.lists(segment_messages(), max_size=6),
+    sent_at=st.one_of(st.none(), times),
+    context=st.one_of(
+        st.none(),
+        st.fixed_dictionaries({"groupId": accounts}),
+        st.just({"library": {"name": "analytics.js"}}),
+    ),
+    received_at=st.sampled_from(
+        [RECEIVED, datetime(2026, 1, 15, 13, 0, tzinfo=timezone(timedelta(hours=1)))]
+    ),
+)
+def test_batches_map_as_each_message_would_alone(
+    messages: list[dict[str, Any]],
+    sent_at: Any,
+    context: dict[str, Any] | None,
+    received_at: datetime,
+) -> None:
+    body: dict[str, Any] = {"batch": messages}
+    if sent_at is not None:
+        body["sentAt"] = sent_at
+    if context is not None:
+        body["context"] = context
+    known = {"u_1": "acct_known", "u_2": "not an account!"}
+    assert_maps_like_reference(body, lambda user, anon: known.get(user or ""), received_at)
+
+
+def test_the_usual_messages_take_the_quick_path(world_events: list[dict[str, Any]]) -> None:
+    """The simulator's messages (and the benchmark's) are mapped without building a model:
+    white-box, because the quick path is what makes ingest fast enough (bench/ingest.py)."""
+    sent_at = RECEIVED.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    wire = [orjson.dumps(to_segment(event)) for event in world_events[:500]]
+    body = orjson.loads(segment_batch_body(wire, sent_at, "0.0.0"))
+    quick = segment._QuickMapper(SOURCE, RECEIVED, body["sentAt"], body["context"])
+    assert all(quick(m, no_account) is not None for m in body["batch"])
+    assert_maps_like_reference(body)
 
 
 # -- what segment-analytics-python sends ----------------------------------------------------
@@ -414,6 +592,18 @@ def test_bad_batch_requests(body: bytes, field: str | None, reason: str) -> None
     assert reason in info.value.reason
 
 
+def test_a_message_that_is_not_an_object_is_rejected_by_index() -> None:
+    result = map_batch(
+        [7, track(messageId="ok"), ["x"]],  # type: ignore[list-item]
+        source=SOURCE,
+        received_at=RECEIVED,
+        resolve_account=no_account,
+        sent_at="2026-01-15T12:00:00Z",
+    )
+    assert result.ids == ["ok"]
+    assert [(r.index, r.field) for r in result.rejected] == [(0, "batch[0]"), (2, "batch[2]")]
+
+
 def test_batch_fields_apply_to_every_message() -> None:
     own = track(context={"groupId": "acct_own"}, sentAt="2026-01-15T12:00:00Z")
     body = {
@@ -563,6 +753,10 @@ def test_clock_skew_correction() -> None:
     assert convert(track(timestamp="2026-01-15T09:30:00")).time == datetime(
         2026, 1, 15, 9, 30, tzinfo=UTC
     )
+    # a correction that leaves the calendar is the timestamp's error, not a crash
+    far = rejection(track(timestamp="0001-01-01T00:00:00Z", sentAt="9999-12-31T00:00:00Z"))
+    assert far.field == "batch[0].timestamp"
+    assert "out of range" in far.reason
 
 
 # -- mapping details ----------------------------------------------------------------------------
@@ -584,6 +778,14 @@ def test_feature_used_mapping() -> None:
         track(event="Feature Used", userId=None, anonymousId="a-1", properties={"feature": "x"})
     )
     assert isinstance(anonymous, Track)
+
+
+@pytest.mark.parametrize("feature", [["dashboards"], {"key": "dashboards"}, None, 3])
+def test_a_feature_key_that_is_not_a_string_is_the_field_s_error(feature: object) -> None:
+    message = track(event="Feature Used", properties={"feature": feature})
+    result = map_batch([message], source=SOURCE, received_at=RECEIVED, resolve_account=no_account)
+    assert result.ids == []
+    assert [(r.index, r.field) for r in result.rejected] == [(0, "batch[0].properties.feature")]
 
 
 def test_page_mapping_takes_page_context() -> None:

@@ -10,14 +10,15 @@ nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
@@ -29,6 +30,7 @@ from sqlalchemy import text
 from churnguard.common import metrics
 from churnguard.common.db import create_engine, session_factory
 from churnguard.common.events.base import CloudEvent
+from churnguard.common.events.usage import Group
 from churnguard.common.kafka import make_producer
 from churnguard.common.logs import bind_event
 from churnguard.common.topics import Topic
@@ -42,6 +44,7 @@ from churnguard.ingest.publisher import (
 )
 from churnguard.ingest.settings import IngestSettings
 from churnguard.ingest.sources import Source, Unauthorized, WriteKeyAuthenticator
+from churnguard.ingest.user_accounts import AccountsUnavailable, UserAccounts
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,8 @@ SINGLE_EVENT_LIMIT = 32 * 1024
 BATCH_LIMIT = 500 * 1024
 MAX_BATCH_EVENTS = 10_000
 DEFAULT_LIMIT = 1024 * 1024
+GROUP_TYPE = Group.model_fields["type"].default
+MappedT = TypeVar("MappedT")
 
 
 def body_limit(path: str) -> int:
@@ -86,29 +91,6 @@ class SegmentAccepted(BaseModel):
     success: bool = True
     accepted: int
     rejected: list[Rejection]
-
-
-class UserAccounts:
-    """Which account a user belongs to, learned from the events ingest accepted.
-
-    Lets a Segment ``track`` without ``context.groupId`` find its account after the user's
-    ``group`` call. Per process and bounded (least recently used forgotten first): a
-    message whose user this process has not seen is rejected with a reason that says to
-    send ``context.groupId``, which every churnguard-aware client should.
-    """
-
-    def __init__(self, max_users: int = 1_000_000) -> None:
-        self.max_users = max_users
-        self._accounts: OrderedDict[str, str] = OrderedDict()
-
-    def remember(self, user_id: str, account_id: str) -> None:
-        self._accounts[user_id] = account_id
-        self._accounts.move_to_end(user_id)
-        if len(self._accounts) > self.max_users:
-            self._accounts.popitem(last=False)
-
-    def resolve(self, user_id: str | None, anonymous_id: str | None) -> str | None:
-        return self._accounts.get(user_id) if user_id else None
 
 
 async def source(request: Request) -> Source:
@@ -152,7 +134,12 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         app.state.publisher = EnvelopePublisher(
             producer, platform.topic_prefix, settings.publish_timeout_s
         )
-        app.state.user_accounts = UserAccounts()
+        app.state.user_accounts = UserAccounts(
+            session_factory(engine),
+            ttl_s=settings.user_accounts_ttl_s,
+            flush_interval_s=settings.user_accounts_flush_s,
+        )
+        await app.state.user_accounts.start()
         app.state.authenticator = WriteKeyAuthenticator(
             session_factory(engine), settings.auth_cache_ttl_s
         )
@@ -165,6 +152,7 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         finally:
             await app.state.publisher.flush_all()
             await producer.stop()
+            await app.state.user_accounts.stop()
             await engine.dispose()
 
     app = FastAPI(
@@ -192,10 +180,20 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
     async def publish(
         topic: Topic, events: Sequence[CloudEvent], payloads: Sequence[bytes] | None = None
     ) -> list[Published]:
-        started = time.perf_counter()
         publisher: EnvelopePublisher = app.state.publisher
+        return await publishing(
+            topic,
+            publisher.publish(topic, events, payloads),
+            Counter(event.type for event in events),
+        )
+
+    async def publishing(
+        topic: Topic, sent: Awaitable[list[Published]], types: Counter[str]
+    ) -> list[Published]:
+        """Await a publish; its errors as HTTP errors, its success in the metrics."""
+        started = time.perf_counter()
         try:
-            published = await publisher.publish(topic, events, payloads)
+            published = await sent
         except InvalidEvent as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
         except PublishFailed as exc:
@@ -205,7 +203,7 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
                 str(exc),
                 headers={"Retry-After": str(settings.retry_after_s)},
             ) from exc
-        for event_type, count in Counter(event.type for event in events).items():
+        for event_type, count in types.items():
             metrics.INGEST_EVENTS.labels(topic.topic, event_type).inc(count)
         metrics.INGEST_PUBLISH_SECONDS.labels(topic.topic).observe(time.perf_counter() - started)
         return published
@@ -328,42 +326,93 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
 
     # ---- Segment spec -------------------------------------------------------------------
 
-    def remember_accounts(events: Sequence[CloudEvent]) -> None:
+    def unavailable(exc: AccountsUnavailable | TimeoutError) -> HTTPException:
+        log.error("user accounts: %s", exc or "PostgreSQL did not answer in time")
+        return HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "user accounts are not available (PostgreSQL): retry later with the same ids",
+            headers={"Retry-After": str(settings.retry_after_s)},
+        )
+
+    async def map_segment(
+        mapping: Callable[[segment.AccountResolver], MappedT],
+        unresolved: Callable[[MappedT], bool],
+    ) -> MappedT:
+        """``mapping(resolver)``, with the users it could not resolve from the cache looked
+        up in PostgreSQL, once for the request, and mapped again if that told any."""
         users: UserAccounts = app.state.user_accounts
-        latest: dict[str, str] = {}  # a batch holds few users, each many times
-        for event in events:
-            user = getattr(event.data, "user_id", None)
-            if user:
-                latest[user] = event.subject
-        for user, account in latest.items():
+        asked: set[str] = set()
+
+        def resolve(user_id: str | None, anonymous_id: str | None) -> str | None:
+            account = users.resolve(user_id, anonymous_id)
+            if account is None and user_id:
+                asked.add(user_id)
+            return account
+
+        mapped = mapping(resolve)
+        if asked and unresolved(mapped):
+            try:
+                async with asyncio.timeout(settings.publish_timeout_s):
+                    found = await users.load(asked)
+            except (AccountsUnavailable, TimeoutError) as exc:
+                raise unavailable(exc) from None
+            if found:
+                mapped = mapping(lambda user_id, _: found.get(user_id) if user_id else None)
+        return mapped
+
+    async def remember(learned: dict[str, str], durable: bool) -> None:
+        """Remember the accounts the accepted events named; ``durable``: a group call's is
+        in PostgreSQL before the caller hears of it."""
+        users: UserAccounts = app.state.user_accounts
+        for user, account in learned.items():
             users.remember(user, account)
+        if durable:
+            # shielded: a write that outlasts the caller still finishes (or requeues)
+            writing = asyncio.ensure_future(users.flush())
+            writing.add_done_callback(lambda done: done.cancelled() or done.exception())
+            try:
+                await asyncio.wait_for(asyncio.shield(writing), settings.publish_timeout_s)
+            except (AccountsUnavailable, TimeoutError) as exc:
+                raise unavailable(exc) from None
 
     async def segment_batch(request: Request, src: Authenticated) -> SegmentAccepted:
         try:
-            messages = segment.parse_batch(await request.body())
+            batch = segment.read_batch(await request.body())
         except segment.SegmentError as exc:
             metrics.INGEST_REJECTED.labels(request.url.path, "invalid").inc()
             raise HTTPException(exc.status, str(exc)) from None
-        result = segment.map_batch(
-            messages,
-            source=f"/segment/{src.name}",
-            received_at=datetime.now(UTC),
-            resolve_account=app.state.user_accounts.resolve,
+        received_at = datetime.now(UTC)
+        result = await map_segment(
+            lambda resolve: segment.map_batch(
+                batch.messages,
+                source=f"/segment/{src.name}",
+                received_at=received_at,
+                resolve_account=resolve,
+                sent_at=batch.sent_at,
+                context=batch.context,
+            ),
+            lambda result: any(r.reason == segment.NO_ACCOUNT for r in result.rejected),
         )
-        for _ in result.rejected:
-            metrics.INGEST_REJECTED.labels(request.url.path, "invalid").inc()
+        if result.rejected:
+            metrics.INGEST_REJECTED.labels(request.url.path, "invalid").inc(len(result.rejected))
         rejected = [
             Rejection(index=r.index, field=r.field or "(message)", reason=r.reason)
             for r in result.rejected
         ]
-        if not result.accepted:
+        if not result.ids:
             raise HTTPException(
                 status.HTTP_400_BAD_REQUEST,
                 {"accepted": 0, "rejected": [r.model_dump() for r in rejected]},
             )
-        await publish(Topic.USAGE, result.accepted, result.payloads)
-        remember_accounts(result.accepted)
-        return SegmentAccepted(accepted=len(result.accepted), rejected=rejected)
+        publisher: EnvelopePublisher = app.state.publisher
+        types = Counter(result.types)
+        await publishing(
+            Topic.USAGE,
+            publisher.publish_json(Topic.USAGE, result.ids, result.subjects, result.payloads),
+            types,
+        )
+        await remember(result.users, durable=GROUP_TYPE in types)
+        return SegmentAccepted(accepted=len(result.ids), rejected=rejected)
 
     for path in ("/v1/batch", "/v1/b", "/v1/import"):
         app.post(
@@ -378,19 +427,36 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         async def one(request: Request, src: Authenticated) -> SegmentAccepted:
             try:
                 message = segment.parse_single(kind, await request.body())
-                event = segment.to_cloudevent(
-                    message,
-                    index=None,
-                    source=f"/segment/{src.name}",
-                    received_at=datetime.now(UTC),
-                    resolve_account=app.state.user_accounts.resolve,
-                )
             except segment.SegmentError as exc:
                 metrics.INGEST_REJECTED.labels(request.url.path, "invalid").inc()
                 raise HTTPException(exc.status, str(exc)) from None
+            received_at = datetime.now(UTC)
+
+            def mapping(resolve: segment.AccountResolver) -> CloudEvent | segment.SegmentError:
+                try:
+                    return segment.to_cloudevent(
+                        message,
+                        index=None,
+                        source=f"/segment/{src.name}",
+                        received_at=received_at,
+                        resolve_account=resolve,
+                    )
+                except segment.SegmentError as exc:
+                    return exc
+
+            event = await map_segment(
+                mapping,
+                lambda got: (
+                    isinstance(got, segment.SegmentError) and got.reason == segment.NO_ACCOUNT
+                ),
+            )
+            if isinstance(event, segment.SegmentError):
+                metrics.INGEST_REJECTED.labels(request.url.path, "invalid").inc()
+                raise HTTPException(event.status, str(event))
             with bind_event(event.id, event.subject):
                 await publish(Topic.USAGE, [event])
-            remember_accounts([event])
+            user = getattr(event.data, "user_id", None)
+            await remember({user: event.subject} if user else {}, durable=kind == "group")
             return SegmentAccepted(accepted=1, rejected=[])
 
         return one

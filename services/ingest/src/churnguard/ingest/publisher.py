@@ -25,6 +25,8 @@ from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from operator import itemgetter
+from typing import TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -33,6 +35,8 @@ from pydantic_core import PydanticSerializationError
 from churnguard.common import envelope, metrics
 from churnguard.common.events.base import CloudEvent
 from churnguard.common.topics import Topic
+
+T = TypeVar("T")
 
 
 class PublishFailed(RuntimeError):
@@ -63,6 +67,13 @@ def _partition_of(account_id: str, partitions: int) -> int:
     return envelope.partition_for(account_id, partitions)
 
 
+def _pick(values: Sequence[T], indexes: list[int]) -> list[T]:
+    """``[values[i] for i in indexes]``, in C."""
+    if len(indexes) == 1:
+        return [values[indexes[0]]]
+    return list(itemgetter(*indexes)(values))
+
+
 class DedupeWindow:
     """Ids acknowledged recently, with where they went; oldest forgotten first.
 
@@ -83,7 +94,7 @@ class DedupeWindow:
         self.expire()
         return self._seen.get(event_id)
 
-    def isdisjoint(self, event_ids: list[str]) -> bool:
+    def isdisjoint(self, event_ids: Sequence[str]) -> bool:
         """None of ``event_ids`` is remembered (call :meth:`expire` first)."""
         return self._seen.keys().isdisjoint(event_ids)
 
@@ -184,10 +195,6 @@ class EnvelopePublisher:
         ``payloads``, when given, are the events' JSON as the caller already wrote it (one
         per event, decoding to an equal event); otherwise each event is written here.
         """
-        if self._waiting + len(events) > self.max_pending_events:
-            raise PublishFailed(
-                f"{self._waiting} events already wait for Kafka (limit {self.max_pending_events})"
-            )
         # serialise first: an event that cannot be written must fail before anything is
         # registered as in flight, or its id would wait for an acknowledgement forever
         if payloads is None:
@@ -199,6 +206,26 @@ class EnvelopePublisher:
                     raise InvalidEvent(index, f"cannot be written as JSON: {exc}") from None
         elif len(payloads) != len(events):
             raise ValueError(f"{len(payloads)} payloads for {len(events)} events")
+        return await self.publish_json(
+            topic, [e.id for e in events], [e.subject for e in events], payloads
+        )
+
+    async def publish_json(
+        self,
+        topic: Topic,
+        ids: Sequence[str],
+        subjects: Sequence[str],
+        payloads: Sequence[bytes],
+    ) -> list[Published]:
+        """:meth:`publish` for events already written as JSON: ``payloads[i]`` is the
+        event with id ``ids[i]`` of account ``subjects[i]`` (validated by the caller)."""
+        if not len(ids) == len(subjects) == len(payloads):
+            raise ValueError(f"{len(ids)} ids, {len(subjects)} subjects, {len(payloads)} payloads")
+        count = len(ids)
+        if self._waiting + count > self.max_pending_events:
+            raise PublishFailed(
+                f"{self._waiting} events already wait for Kafka (limit {self.max_pending_events})"
+            )
         name = topic.name_in(self.prefix)
         try:
             n = await asyncio.wait_for(self.partitions(name), self.timeout_s)
@@ -206,41 +233,40 @@ class EnvelopePublisher:
             raise PublishFailed(f"no metadata for {name} from Kafka: {exc!r}") from exc
         # one future per chunk of this request's events bound for one envelope, not per
         # event: per-event futures cost more than the rest of publishing together
-        ids = [event.id for event in events]
-        outcome: list[Published | None] = [None] * len(events)
+        outcome: list[Published | None] = [None] * count
         fresh = self._fresh(topic, ids, outcome)
         by_partition: dict[int, list[int]] = defaultdict(list)
         partition_of = _partition_of
         for i in fresh:
-            by_partition[partition_of(events[i].subject, n)].append(i)
+            by_partition[partition_of(subjects[i], n)].append(i)
         loop = asyncio.get_running_loop()
         waiting: list[tuple[list[int], asyncio.Future[Published]]] = []
         for partition, indexes in by_partition.items():
             for chunk in self._chunks(indexes, payloads):
                 future: asyncio.Future[Published] = loop.create_future()
-                chunk_ids = [ids[i] for i in chunk]
+                chunk_ids = _pick(ids, chunk)
                 self._in_flight.update(dict.fromkeys(chunk_ids, future))
                 waiting.append((chunk, future))
                 self._enqueue(
                     name,
                     partition,
                     chunk_ids,
-                    [payloads[i] for i in chunk],
-                    {events[i].subject for i in chunk},
+                    _pick(payloads, chunk),
+                    set(_pick(subjects, chunk)),
                     future,
                 )
         shared: list[tuple[int, asyncio.Future[Published]]] = []
-        if len(fresh) < len(ids):  # ids in flight already, or repeated in this request
+        if len(fresh) < count:  # ids in flight already, or repeated in this request
             publishing = set(fresh)
             shared = [
                 (i, self._in_flight[ids[i]])
-                for i in range(len(ids))
+                for i in range(count)
                 if outcome[i] is None and i not in publishing
             ]
         futures = {id(f): f for _, f in waiting}
         for _, flying in shared:
             futures[id(flying)] = flying
-        self._waiting += len(events)
+        self._waiting += count
         try:
             async with asyncio.timeout(self.timeout_s):
                 await asyncio.gather(*(asyncio.shield(f) for f in futures.values()))
@@ -251,7 +277,9 @@ class EnvelopePublisher:
         except KafkaError as exc:
             raise PublishFailed(f"Kafka refused {name}: {exc!r}") from exc
         finally:
-            self._waiting -= len(events)
+            self._waiting -= count
+        if len(fresh) == count and len(waiting) == 1:
+            return [waiting[0][1].result()] * count  # all new, all in one envelope
         for chunk, future in waiting:
             published = future.result()
             for i in chunk:
@@ -262,7 +290,7 @@ class EnvelopePublisher:
         return [p for p in outcome if p is not None]
 
     def _fresh(
-        self, topic: Topic, ids: list[str], outcome: list[Published | None]
+        self, topic: Topic, ids: Sequence[str], outcome: list[Published | None]
     ) -> range | list[int]:
         """Indexes of the ids to publish now; duplicates of acknowledged ids get their
         outcome in ``outcome``, and ids in flight (or repeated in ``ids``) are left None
@@ -367,9 +395,10 @@ class EnvelopePublisher:
         waiters: list[tuple[list[str], asyncio.Future[Published]]],
     ) -> None:
         error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+        forget = self._in_flight.pop
         for ids, future in waiters:
             for event_id in ids:
-                self._in_flight.pop(event_id, None)
+                forget(event_id, None)
             if future.done():
                 continue
             if error is not None:

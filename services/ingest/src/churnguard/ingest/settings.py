@@ -22,6 +22,18 @@ class IngestSettings(ServiceSettings):
         ge=0,
         description="How long a write key check is cached (a revoke takes effect within it)",
     )
+    user_accounts_ttl_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="How long a worker trusts the account it knows for a Segment user before "
+        "asking PostgreSQL again (another worker may have learned a newer one)",
+    )
+    user_accounts_flush_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="How often learned user accounts are written to PostgreSQL (a group "
+        "call's is written before its 2xx)",
+    )
     stripe_webhook_secret: SecretStr = Field(
         default=SecretStr("dev-stripe-webhook-secret"),
         description="Stripe webhook signing secret(s); several, comma separated, during rotation",

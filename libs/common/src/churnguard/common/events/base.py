@@ -67,4 +67,6 @@ class CloudEvent(BaseModel):
 
     def to_json(self) -> bytes:
         """Structured-mode JSON with the CloudEvents attribute names (aliases)."""
-        return self.model_dump_json(by_alias=True, exclude_none=True).encode()
+        # the model's serializer itself: what model_dump_json calls, without its ~1 us of
+        # argument handling per call (ingest writes every native event with this)
+        return self.__pydantic_serializer__.to_json(self, by_alias=True, exclude_none=True)
